@@ -1,0 +1,92 @@
+"""Torch datasets and transforms over the prepared-image cache.
+
+Augmentations are seeded per sample (``(index, seed)`` items from the batch sampler), so a
+batch is the same whichever worker process builds it and whether or not the run was
+resumed: exact resume needs augmentation that does not depend on loader state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from .prepare import load_prepared
+
+
+def build_transform(
+    input_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool = False,
+    augment: str = "light",
+    hflip: bool = False,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 CHW tensor -> normalised float CHW tensor at ``input_size`` (squash resize).
+
+    ``light`` augmentation: a mild random resized crop, small rotation, colour jitter and
+    occasional grayscale (night infrared frames). Heavy augmentation hurt in public
+    write-ups (facts.md), so there is no heavier preset. Horizontal flip is off unless
+    asked for: a mirrored left flank is not the right flank.
+    """
+    h, w = input_size
+    steps: list[Callable] = []
+    if train and augment == "light":
+        steps += [
+            v2.RandomResizedCrop((h, w), scale=(0.7, 1.0), ratio=(0.75 * w / h, 1.33 * w / h), antialias=True),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+            v2.RandomGrayscale(p=0.1),
+        ]
+    elif train and augment != "none":
+        raise ValueError(f"train.augment must be 'light' or 'none', got {augment!r}")
+    else:
+        steps.append(v2.Resize((h, w), antialias=True))
+    if train and hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    """Prepared images (and labels) -> ``(image tensor, label, index)``.
+
+    Items may be plain indices or ``(index, seed)`` pairs; with a seed the transform runs
+    under that seed in a forked RNG, leaving the caller's RNG untouched.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | None,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        loader: Callable[[str | Path], np.ndarray] = load_prepared,
+    ):
+        self.paths = list(paths)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = torch.from_numpy(np.ascontiguousarray(self.loader(self.paths[index]))).permute(2, 0, 1)
+        if seed is None:
+            x = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.transform(image)
+        label = -1 if self.labels is None else int(self.labels[index])
+        return x, label, index
+
+
+def sample_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """A per-sample augmentation seed derived from where the sample sits in training."""
+    return int(np.random.SeedSequence([seed, epoch, batch, position]).generate_state(1)[0])

@@ -1,0 +1,167 @@
+"""Embedding images: test-time-augmented forward passes and the resumable chunk cache.
+
+Images go in chunks of ``chunk_size`` (100 by default). Each chunk is embedded under every
+TTA view, the views' embeddings are averaged and re-normalised, and the chunk is saved as a
+compressed ``.npz`` (embeddings, file names, fingerprint) written atomically. A rerun loads
+the finished chunks and computes only the missing ones; a chunk that fails to load or
+carries another fingerprint (other weights, preprocessing or views) is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data.dataset import ImageDataset, build_transform
+from .files import atomic_path, fault_point
+
+TTA_VIEWS = {
+    "none": ("none",),
+    "hflip": ("none", "h"),
+    "flip4": ("none", "h", "v", "hv"),
+}
+
+
+def _view(x: torch.Tensor, view: str) -> torch.Tensor:
+    dims = {"none": [], "h": [-1], "v": [-2], "hv": [-2, -1]}[view]
+    return x.flip(dims) if dims else x
+
+
+@torch.no_grad()
+def embed_batch(model: torch.nn.Module, x: torch.Tensor, views: Sequence[str], amp_dtype=None) -> torch.Tensor:
+    """Mean of the L2-normalised embeddings of ``x`` under ``views``, re-normalised.
+
+    The views go through the model together as one batch of ``len(views) * B`` images.
+    """
+    stacked = torch.cat([_view(x, v) for v in views])
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        emb = model(stacked)
+    emb = F.normalize(emb.float(), dim=1).view(len(views), x.shape[0], -1).mean(0)
+    return F.normalize(emb, dim=1)
+
+
+def compute_embeddings(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    views: Sequence[str] = ("none",),
+    batch_size: int = 32,
+    workers: int = 0,
+    amp_dtype=None,
+    progress: bool = False,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Embeddings (float32, L2-normalised) of every item of ``dataset``, in order."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    out = []
+    for x, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        out.append(embed_batch(model, x.to(device, non_blocking=True), views, amp_dtype).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's parameters and buffers (what the embeddings depend on)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class EmbedResult:
+    names: list[str]
+    embeddings: np.ndarray
+    computed_chunks: list[int]
+    reused_chunks: list[int]
+
+
+def chunk_fingerprint(base: str, names: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps([base, list(names)]).encode()).hexdigest()[:24]
+
+
+def _load_chunk(path: Path, fingerprint: str, names: Sequence[str]) -> np.ndarray | None:
+    """The chunk's embeddings if the file is complete and made for exactly this input."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint or list(z["names"]) != list(names):
+                return None
+            emb = z["embeddings"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if emb.shape[0] != len(names) or not np.isfinite(emb).all():
+        return None
+    return emb
+
+
+def embed_images(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    paths: Sequence[str | Path],
+    cache_dir: str | Path,
+    device: torch.device,
+    tta: str = "flip4",
+    chunk_size: int = 100,
+    batch_size: int = 32,
+    preprocessing: dict | None = None,
+    amp_dtype=None,
+    tag: str = "images",
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed prepared images chunk by chunk into ``cache_dir``, reusing finished chunks.
+
+    ``preprocessing`` describes how the prepared images were made (alpha mode, size, ...);
+    it enters the fingerprint together with the weights and the TTA views, so a cached
+    chunk is only reused for exactly the same computation.
+    """
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"embed.tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+    views = TTA_VIEWS[tta]
+    cfg = getattr(model, "data_config", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    transform = build_transform(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), train=False)
+    base = json.dumps(
+        {"weights": weights_digest(model), "views": views, "input": size, "prep": preprocessing or {}},
+        sort_keys=True,
+    )
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(names) + chunk_size - 1) // chunk_size
+    parts, computed, reused = [], [], []
+    bar = tqdm(total=len(names), desc=f"embed {tag} ({len(views)} views)", disable=not progress)
+    for c in range(n_chunks):
+        sl = slice(c * chunk_size, (c + 1) * chunk_size)
+        chunk_names, chunk_paths = list(names[sl]), list(paths[sl])
+        fp = chunk_fingerprint(base, chunk_names)
+        path = cache_dir / f"{tag}_{c:05d}.npz"
+        emb = _load_chunk(path, fp, chunk_names) if path.exists() else None
+        if emb is None:
+            ds = ImageDataset(chunk_paths, None, transform)
+            emb = compute_embeddings(model, ds, device, views, batch_size, amp_dtype=amp_dtype)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(
+                        f, embeddings=emb.astype(np.float32), names=np.array(chunk_names), fingerprint=np.array(fp)
+                    )
+                    fault_point("chunk-write")
+            computed.append(c)
+        else:
+            reused.append(c)
+        parts.append(emb)
+        bar.update(len(chunk_names))
+    bar.close()
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return EmbedResult(list(names), embeddings, computed, reused)

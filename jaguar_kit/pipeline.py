@@ -1,0 +1,185 @@
+"""The stages wired together: what the command line, the kernels and the demo call.
+
+Each function takes plain inputs (paths, a config) and writes plain outputs (``.npz``
+embeddings, ``submission.csv``, PNGs), so a kernel cell is one call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import Config, RetrievalConfig
+from .errors import JaguarKitError
+from .files import atomic_path
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of a set of images, in the order of ``names``."""
+
+    names: list[str]
+    vectors: np.ndarray  # (N, D) float32, L2-normalised
+    model: str = ""  # what made them (checkpoint path or backbone name)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, names=np.array(self.names), vectors=self.vectors, model=np.array(self.model))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Embeddings":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(list(z["names"]), z["vectors"], str(z["model"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({e})") from e
+
+    def subset(self, names: Sequence[str]) -> "Embeddings":
+        index = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise JaguarKitError(f"embeddings ({self.model}): no vector for {missing[0]} (and {len(missing) - 1} more)")
+        return Embeddings(list(names), self.vectors[[index[n] for n in names]], self.model)
+
+
+def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[str], list[Path], list[str] | None]:
+    """(names, source paths, identities or None) of a split: train, val (the config's fold), test."""
+    from .data.competition import load_competition
+    from .data.folds import make_folds, split_indices
+
+    comp = load_competition(data_dir)
+    if split == "test":
+        if comp.test_images is None or not len(comp.test_images):
+            raise JaguarKitError(f"{data_dir}: no test images (test.csv missing or empty)")
+        return list(comp.test_images["filename"]), list(comp.test_images["path"]), None
+    names, paths, ids = list(comp.train["filename"]), list(comp.train["path"]), list(comp.train["identity"])
+    if split == "train":
+        return names, paths, ids
+    if split == "val":
+        if cfg.data.fold < 0:
+            raise JaguarKitError("split 'val' needs data.fold >= 0 (fold -1 trains on everything)")
+        folds = make_folds(np.array(ids), cfg.data.num_folds, cfg.data.seed, cfg.data.split)
+        _, val_idx = split_indices(folds, cfg.data.fold)
+        return [names[i] for i in val_idx], [paths[i] for i in val_idx], [ids[i] for i in val_idx]
+    raise JaguarKitError(f"unknown split {split!r} (train, val or test)")
+
+
+def embed_split(
+    model_source: str | Path,
+    data_dir: str | Path,
+    split: str,
+    cache_dir: str | Path,
+    prepared_root: str | Path,
+    cfg: Config | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Embeddings:
+    """Embed a split with TTA through the resumable chunk cache.
+
+    ``model_source`` is a training checkpoint (its config decides the preprocessing), or
+    ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled features (the
+    baseline). ``cfg`` supplies the embedding settings and, for ``frozen:``, the data ones.
+    """
+    from .data.prepare import prepare_images
+    from .device import select_device
+    from .embed import embed_images
+    from .models import build_frozen_model
+    from .train.checkpoint import load_model_from_checkpoint
+
+    info = select_device(device)
+    source = str(model_source)
+    if source.startswith("frozen:"):
+        run_cfg = cfg or Config()
+        model = build_frozen_model(source.split(":", 1)[1], run_cfg.model.weights).to(info.device).eval()
+    else:
+        model, run_cfg = load_model_from_checkpoint(source, info.device)
+    embed_cfg = (cfg or run_cfg).embed
+    names, paths, _ = split_images(cfg or run_cfg, data_dir, split)
+    d = run_cfg.data
+    prepared = prepare_images(paths, prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
+                              workers=d.workers, progress=progress)
+    result = embed_images(
+        model, names, [prepared[n] for n in names], cache_dir, info.device, tta=embed_cfg.tta,
+        chunk_size=embed_cfg.chunk_size, batch_size=embed_cfg.batch_size, amp_dtype=info.amp_dtype,
+        preprocessing={"alpha": d.alpha_mode, "margin": d.crop_margin, "size": d.prepared_size},
+        tag=split, progress=progress,
+    )
+    return Embeddings(result.names, result.embeddings, source)
+
+
+def similarity(sets: Sequence[Embeddings], cfg: RetrievalConfig, device: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Final all-vs-all similarity of one or several models' embeddings of the same images."""
+    from .retrieval import final_similarity
+
+    names = sets[0].names
+    aligned = [s.subset(names).vectors for s in sets]
+    return names, final_similarity(aligned, cfg, device=device)
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """``filename -> identity`` from a ``filename,ground_truth`` CSV (train.csv, solution.csv)."""
+    df = pd.read_csv(path)
+    if not {"filename", "ground_truth"} <= set(df.columns):
+        raise JaguarKitError(f"{path}: needs columns filename,ground_truth, found {','.join(df.columns)}")
+    return dict(zip(df["filename"].astype(str), df["ground_truth"].astype(str)))
+
+
+def score(sets: Sequence[Embeddings], labels: dict[str, str], cfg: RetrievalConfig) -> dict[str, dict]:
+    """Identity-balanced mAP and rank-1 with and without re-ranking, per-identity tables."""
+    import copy
+
+    from .metrics import identity_balanced_map
+
+    names = [n for n in sets[0].names if n in labels]
+    if len(names) < 2:
+        raise JaguarKitError("score: fewer than two embedded images have labels")
+    sets = [s.subset(names) for s in sets]
+    y = [labels[n] for n in names]
+    out = {}
+    for tag, rerank in (("raw", False), ("reranked", True)):
+        c = copy.deepcopy(cfg)
+        c.rerank = rerank
+        _, sim = similarity(sets, c)
+        r = identity_balanced_map(sim, y)
+        out[tag] = {"map": r.map, "rank1": r.rank1, "per_identity": r.per_identity}
+    return out
+
+
+def submit(
+    sets: Sequence[Embeddings],
+    data_dir: str | Path,
+    out_csv: str | Path,
+    cfg: RetrievalConfig,
+    grid_png: str | Path | None = None,
+    prepared_root: str | Path | None = None,
+) -> Path:
+    """``submission.csv`` for the competition's test pairs (and a retrieval grid)."""
+    from .data.competition import load_competition
+    from .submission import write_submission
+
+    comp = load_competition(data_dir, check_images=False)
+    if comp.pairs is None:
+        raise JaguarKitError(f"{data_dir}: test.csv not found; nothing to submit")
+    names, sim = similarity(sets, cfg)
+    path = write_submission(comp.pairs, names, sim, out_csv)
+    if grid_png is not None:
+        from .data.images import decode_image
+        from .viz import save_retrieval_grid
+
+        by_name = dict(zip(comp.test_images["filename"], comp.test_images["path"]))
+        save_retrieval_grid(sim, names, lambda n: decode_image(by_name[n])[0], grid_png)
+    return path
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    from .files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")
