@@ -114,8 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_kaggle_push(args: argparse.Namespace) -> None:
     from .kaggle.push import push_kernel
 
-    cmd = push_kernel(args.kernel, user=args.user, build_dir=Path(args.build), dry_run=args.dry_run)
-    print(" ".join(cmd))
+    push_kernel(args.kernel, user=args.user, build_dir=Path(args.build), dry_run=args.dry_run, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ksub.add_parser("push", help="convert a kernel to a notebook, validate its metadata, kaggle kernels push")
     p.add_argument("kernel", help="train, infer, submit, or a folder with kernel-metadata.json")
     p.add_argument("--user", help="Kaggle user name (default: KAGGLE_USERNAME)")
-    p.add_argument("--build", default="build/kernels", help="build folder")
+    p.add_argument("--build", default="build/kaggle", help="build folder")
+    p.add_argument("--resume", action="store_true",
+                   help="also attach this kernel's own previous output (to resume a timed-out session)")
     p.add_argument("--dry-run", action="store_true", help="stop before the network; print the command")
     p.set_defaults(func=cmd_kaggle_push)
     return parser

@@ -18,6 +18,10 @@ from typing import Iterator
 from .errors import JaguarKitError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
@@ -29,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -54,6 +59,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporary files left by writers that were killed; returns how many.
+
+    Call only where no other process is writing into ``folder``.
+    """
+    folder = Path(folder)
+    stale = list(folder.glob(".*.tmp-*")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def fault_point(name: str) -> None:

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small synthetic competition and a tiny CPU training config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaguar_kit.config import Config, apply_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Training on a tiny model: a few seconds on a CPU, deterministic.
+TINY_OVERRIDES = [
+    "model.backbone=tiny-cnn",
+    "model.weights=none",
+    "model.embedding_dim=32",
+    "data.prepared_size=96",
+    "data.num_folds=3",
+    "data.workers=0",
+    "train.device=cpu",
+    "train.epochs=2",
+    "train.p=3",
+    "train.k=2",
+    "train.steps_per_epoch=4",
+    "train.lr=1e-3",
+    "train.warmup_epochs=0.5",
+    "embed.batch_size=16",
+    "embed.chunk_size=5",
+]
+
+
+@pytest.fixture(scope="session")
+def competition(tmp_path_factory) -> Path:
+    from jaguar_kit.data.synth import generate_competition
+
+    return generate_competition(tmp_path_factory.mktemp("comp") / "data", identities=6, images_per_identity=6,
+                                test_per_identity=2, size=96, seed=3, progress=False)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    return apply_overrides(Config(), list(TINY_OVERRIDES))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for running ``python -m jaguar_kit.cli`` in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JAGUAR_KIT_FAULT", None)
+    env["JAGUAR_KIT_INPUT"] = env.get("JAGUAR_KIT_INPUT", "/nonexistent-input")
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
