@@ -44,7 +44,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .data.prepare import prepare_images
 
     cfg, comp = _config(args), load_competition(args.data)
-    paths = list(comp.train["path"]) + ([] if comp.test_images is None else list(comp.test_images["path"]))
+    paths = list(comp.train["path"]) + list(comp.test_images["path"])
     d = cfg.data
     done = prepare_images(paths, args.out, d.alpha_mode, d.crop_margin, d.prepared_size, workers=d.workers,
                           progress=not args.quiet)

@@ -35,7 +35,7 @@ class ModelConfig:
     backbone: str = "megadescriptor-l-384"  # a catalogue name or any timm name
     weights: str = "auto"  # auto | none | hf-hub:ORG/NAME | a folder | a weights file
     img_size: int = 0  # 0: the backbone's native size
-    pooling: str = "gem"  # gem | native
+    pooling: str = "gem"  # gem (signed for transformers, clamped for CNNs) | gem-signed | gem-clamp | native
     gem_p: float = 3.0
     embedding_dim: int = 512
     grad_checkpointing: bool = False
@@ -125,7 +125,7 @@ class Config:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: Any, typ: Any, where: str, source: str = "config") -> Any:
     """Check ``value`` against a field type; strings from the command line are parsed."""
     if isinstance(typ, str):  # postponed annotations
         typ = {"int": int, "float": float, "bool": bool, "str": str}[typ]
@@ -153,7 +153,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
-    raise JaguarKitError(f"config: {where} must be {typ.__name__}, got {value!r}")
+    raise JaguarKitError(f"{source}: {where} must be {typ.__name__}, got {value!r}")
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def config_from_dict(d: dict[str, Any], base: Config | None = None, source: str 
                 raise JaguarKitError(
                     f"{source}: unknown key {sec_name}.{key} (known: {', '.join(types_)})"
                 )
-            setattr(section, key, _coerce(value, types_[key], f"{sec_name}.{key}"))
+            setattr(section, key, _coerce(value, types_[key], f"{sec_name}.{key}", source))
     return cfg
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data.dataset import ImageDataset, build_transform
-from .files import atomic_path, fault_point
+from .files import atomic_path, fault_point, remove_stale_temporaries
 
 TTA_VIEWS = {
     "none": ("none",),
@@ -120,12 +120,14 @@ def embed_images(
     amp_dtype=None,
     tag: str = "images",
     progress: bool = True,
+    weights_id: str | None = None,
 ) -> EmbedResult:
     """Embed prepared images chunk by chunk into ``cache_dir``, reusing finished chunks.
 
     ``preprocessing`` describes how the prepared images were made (alpha mode, size, ...);
     it enters the fingerprint together with the weights and the TTA views, so a cached
-    chunk is only reused for exactly the same computation.
+    chunk is only reused for exactly the same computation. ``weights_id`` saves hashing the
+    weights again when the caller already did (:func:`weights_digest`).
     """
     if tta not in TTA_VIEWS:
         raise ValueError(f"embed.tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
@@ -134,11 +136,12 @@ def embed_images(
     size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
     transform = build_transform(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), train=False)
     base = json.dumps(
-        {"weights": weights_digest(model), "views": views, "input": size, "prep": preprocessing or {}},
+        {"weights": weights_id or weights_digest(model), "views": views, "input": size, "prep": preprocessing or {}},
         sort_keys=True,
     )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(cache_dir)  # half-written chunks of a killed run
     n_chunks = (len(names) + chunk_size - 1) // chunk_size
     parts, computed, reused = [], [], []
     bar = tqdm(total=len(names), desc=f"embed {tag} ({len(views)} views)", disable=not progress)

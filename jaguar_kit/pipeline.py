@@ -57,7 +57,7 @@ def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[st
 
     comp = load_competition(data_dir)
     if split == "test":
-        if comp.test_images is None or not len(comp.test_images):
+        if not len(comp.test_images):
             raise JaguarKitError(f"{data_dir}: no test images (test.csv missing or empty)")
         return list(comp.test_images["filename"]), list(comp.test_images["path"]), None
     names, paths, ids = list(comp.train["filename"]), list(comp.train["path"]), list(comp.train["identity"])
@@ -81,16 +81,20 @@ def embed_split(
     cfg: Config | None = None,
     device: str = "auto",
     progress: bool = True,
+    seed_roots: Sequence[Path] = (),
 ) -> Embeddings:
     """Embed a split with TTA through the resumable chunk cache.
 
     ``model_source`` is a training checkpoint (its config decides the preprocessing), or
     ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled features (the
     baseline). ``cfg`` supplies the embedding settings and, for ``frozen:``, the data ones.
+    Chunks live in ``cache_dir/<weights digest>/``; chunks of the same weights found under
+    ``seed_roots`` (a previous session's output attached as an input) are copied in first,
+    so a new session continues where the last one stopped.
     """
     from .data.prepare import prepare_images
     from .device import select_device
-    from .embed import embed_images
+    from .embed import embed_images, weights_digest
     from .models import build_frozen_model
     from .train.checkpoint import load_model_from_checkpoint
 
@@ -101,6 +105,9 @@ def embed_split(
         model = build_frozen_model(source.split(":", 1)[1], run_cfg.model.weights).to(info.device).eval()
     else:
         model, run_cfg = load_model_from_checkpoint(source, info.device)
+    digest = weights_digest(model)
+    cache_dir = Path(cache_dir) / digest
+    _seed_cache(cache_dir, digest, seed_roots)
     embed_cfg = (cfg or run_cfg).embed
     names, paths, _ = split_images(cfg or run_cfg, data_dir, split)
     d = run_cfg.data
@@ -110,9 +117,39 @@ def embed_split(
         model, names, [prepared[n] for n in names], cache_dir, info.device, tta=embed_cfg.tta,
         chunk_size=embed_cfg.chunk_size, batch_size=embed_cfg.batch_size, amp_dtype=info.amp_dtype,
         preprocessing={"alpha": d.alpha_mode, "margin": d.crop_margin, "size": d.prepared_size},
-        tag=split, progress=progress,
+        tag=split, progress=progress, weights_id=digest,
     )
     return Embeddings(result.names, result.embeddings, source)
+
+
+def _seed_cache(cache_dir: Path, digest: str, roots: Sequence[Path]) -> None:
+    """Copy finished chunks of these weights from attached outputs into the working cache."""
+    import shutil
+
+    for root in roots:
+        if not Path(root).is_dir():
+            continue
+        for src_dir in Path(root).rglob(digest):
+            if not src_dir.is_dir() or src_dir.resolve() == cache_dir.resolve():
+                continue
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for chunk in src_dir.glob("*.npz"):
+                if not (cache_dir / chunk.name).exists():
+                    with atomic_path(cache_dir / chunk.name) as tmp:
+                        shutil.copyfile(chunk, tmp)
+
+
+def find_outputs(roots: Sequence[Path], pattern: str) -> list[Path]:
+    """Files matching ``pattern`` under ``roots`` (e.g. ``best.pt`` of attached training runs).
+
+    Sorted by path, duplicates by content-free identity (resolved path) removed.
+    """
+    found: dict[Path, None] = {}
+    for root in roots:
+        if Path(root).is_dir():
+            for p in sorted(Path(root).rglob(pattern)):
+                found.setdefault(p.resolve(), None)
+    return list(found)
 
 
 def similarity(sets: Sequence[Embeddings], cfg: RetrievalConfig, device: str | None = None) -> tuple[list[str], np.ndarray]:

@@ -42,7 +42,7 @@ from ..data.sampler import PKSampler
 from ..device import select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, fault_point, remove_stale_temporaries
 from ..losses import ReIDCriterion
 from ..metrics import identity_balanced_map
 from ..models import build_model
@@ -214,6 +214,7 @@ def train(
     stopper = EarlyStopping(tc.patience, tc.min_delta)
     history: list[dict[str, float]] = []
     epoch, next_batch, global_step, status = 0, 0, 0, "running"
+    sums = {"loss": 0.0, "arcface": 0.0, "triplet": 0.0, "n": 0}  # running means of the epoch in progress
 
     # --- resume --------------------------------------------------------------------------
     fingerprint = cfg.fingerprint()
@@ -239,7 +240,7 @@ def train(
             ema.module.load_state_dict(state["ema"])
         stopper.load_state_dict(state["early_stopping"])
         epoch, next_batch, global_step = state["epoch"], state["next_batch"], state["global_step"]
-        history, status = list(state["history"]), state["status"]
+        history, status, sums = list(state["history"]), state["status"], dict(state["epoch_sums"])
         restore_rng(state["rng"])
         if is_main:
             print(f"resumed {ckpt_path}: epoch {epoch}, batch {next_batch}, status {status}")
@@ -248,6 +249,7 @@ def train(
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
         cfg.save(run_dir / "config.json")
         print(f"training on {device_info.description}; {len(train_idx)} train / {len(val_idx)} val images, "
               f"{len(classes)} identities, {batches_per_epoch} batches of {tc.p}x{tc.k} per epoch")
@@ -272,7 +274,8 @@ def train(
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "ema": None if ema is None else ema.module.state_dict(),
             "early_stopping": stopper.state_dict(), "epoch": epoch, "next_batch": next_batch,
-            "global_step": global_step, "history": history, "status": status_, "rng": capture_rng(),
+            "global_step": global_step, "history": history, "status": status_, "epoch_sums": sums,
+            "rng": capture_rng(),
         })
 
     stop = {"stop": False}
@@ -288,7 +291,6 @@ def train(
                                 pin_memory=device.type == "cuda",
                                 # its own generator: creating a loader must not draw from the global RNG
                                 generator=torch.Generator().manual_seed(tc.seed + epoch))
-            sums = {"loss": 0.0, "arcface": 0.0, "triplet": 0.0, "n": 0}
             bar = tqdm(loader, total=batches_per_epoch, initial=next_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        disable=not (progress and is_main), leave=False)
             for x, y, _ in bar:
@@ -297,7 +299,7 @@ def train(
                     loss, parts = ddp_module(x, y)
                 scaler.scale(loss / tc.grad_accum).backward()
                 next_batch += 1
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 sums["arcface"] += float(parts["arcface"])
                 sums["triplet"] += float(parts["triplet"])
                 sums["n"] += 1
@@ -311,9 +313,10 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 global_step += 1
+                fault_point("train-step")
                 if ema is not None:
                     ema.update(model, step=global_step)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 stop_now = stop["stop"] or time.monotonic() - t_start > budget_s
                 if world > 1:
                     flag = torch.tensor([float(stop_now)], device=device)
@@ -347,6 +350,7 @@ def train(
             row["elapsed_s"] = time.monotonic() - t_start
             history.append(row)
             epoch, next_batch = epoch + 1, 0
+            sums = dict.fromkeys(sums, 0)
             if stopper.should_stop:
                 status = "early_stopped"
             elif epoch >= tc.epochs:

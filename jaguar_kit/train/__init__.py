@@ -1,0 +1,1 @@
+"""Training: the engine, checkpoints, early stopping, cross-validation and DDP launch."""

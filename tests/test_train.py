@@ -1,0 +1,178 @@
+"""The training engine: run folder, exact resume after real kills, early stopping, budgets."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PYTHON, TINY_OVERRIDES, cli_env
+from jaguar_kit.config import apply_overrides
+from jaguar_kit.errors import JaguarKitError
+from jaguar_kit.train.checkpoint import load_checkpoint
+from jaguar_kit.train.engine import EarlyStopping, train, train_folds
+
+
+def _train_cli(data, out, *overrides, fault: str | None = None, timeout: float = 300):
+    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(data), "--out", str(out), "--quiet"]
+    for o in [*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides]:
+        cmd += ["--set", o]
+    env = cli_env(**({"JAGUAR_KIT_FAULT": fault} if fault else {}))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(path):
+    state = load_checkpoint(path)
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"criterion.{k}": v for k, v in state["criterion"].items()}}
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(competition, tmp_path_factory):
+    """An uninterrupted run, the yardstick for every resumed one."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = _train_cli(competition, out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_run):
+    assert sorted(p.name for p in reference_run.iterdir()) == [
+        "best.pt", "config.json", "curves.png", "last.pt", "metrics.csv"]
+    metrics = pd.read_csv(reference_run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    assert metrics["val_map"].between(0, 1).all()
+    state = load_checkpoint(reference_run / "last.pt")
+    assert state["status"] == "finished" and state["epoch"] == 2
+    assert set(state["early_stopping"]) == {"best", "best_epoch", "bad_epochs"}
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(competition, reference_run, tmp_path):
+    out = tmp_path / "run"
+    killed = _train_cli(competition, out, fault="train-step:3")  # a real SIGKILL after step 3
+    assert killed.returncode == -signal.SIGKILL
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 0 and state["next_batch"] == 2  # mid-epoch
+    resumed = _train_cli(competition, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    _assert_bitwise_equal(_weights(out / "last.pt"), _weights(reference_run / "last.pt"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "metrics.csv").drop(columns="elapsed_s"),
+        pd.read_csv(reference_run / "metrics.csv").drop(columns="elapsed_s"))
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(competition, tmp_path):
+    out = tmp_path / "run"
+    killed = _train_cli(competition, out, fault="checkpoint-write:3")
+    assert killed.returncode == -signal.SIGKILL
+    state = load_checkpoint(out / "last.pt")  # the second write survived the third's death
+    assert state["global_step"] == 2
+    assert any(p.name.startswith(".last.pt.tmp-") for p in out.iterdir())  # the half-written file
+    resumed = _train_cli(competition, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not any(".tmp-" in p.name for p in out.iterdir())  # stale temporaries are cleared on resume
+
+
+def test_sigterm_stops_cleanly_and_resumes(competition, reference_run, tmp_path):
+    out = tmp_path / "run"
+    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(competition), "--out", str(out), "--quiet"]
+    for o in [*TINY_OVERRIDES, "train.epochs=40"]:
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped cleanly" in stdout
+    state = load_checkpoint(out / "last.pt")
+    assert state["status"] == "running" and state["epoch"] < 40
+
+
+def test_time_budget_stop_then_resume_equals_uninterrupted(competition, tiny_config, reference_run, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.checkpoint_every = 1
+    cfg.train.time_budget_h = 1e-9  # stops after the first optimiser step
+    first = train(cfg, competition, tmp_path / "run", progress=False, resume_roots=[])
+    assert first.status == "interrupted"
+    cfg.train.time_budget_h = 11.5
+    second = train(cfg, competition, tmp_path / "run", progress=False, resume_roots=[])
+    assert second.status == "finished"
+    _assert_bitwise_equal(_weights(tmp_path / "run" / "last.pt"), _weights(reference_run / "last.pt"))
+
+
+def test_finished_run_is_not_retrained_and_other_config_is_refused(competition, tiny_config, reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    before = (out / "last.pt").stat().st_mtime_ns
+    result = train(tiny_config, competition, out, progress=False, resume_roots=[])
+    assert result.status == "finished" and (out / "last.pt").stat().st_mtime_ns == before
+    other = apply_overrides(copy.deepcopy(tiny_config), ["train.lr=0.5"])
+    with pytest.raises(JaguarKitError, match="another config"):
+        train(other, competition, out, progress=False, resume_roots=[])
+
+
+def test_resume_discovers_previous_session_output(competition, tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.checkpoint_every = 1
+    cfg.train.time_budget_h = 1e-9
+    train(cfg, competition, tmp_path / "session1" / "run", progress=False, resume_roots=[])
+    # the next kernel session sees the previous output read-only under its inputs
+    attached = tmp_path / "input" / "my-train-kernel"
+    shutil.copytree(tmp_path / "session1", attached)
+    cfg.train.time_budget_h = 11.5
+    result = train(cfg, competition, tmp_path / "session2" / "run", progress=False, resume_roots=[tmp_path / "input"])
+    assert result.status == "finished"
+    assert load_checkpoint(tmp_path / "session2" / "run" / "last.pt")["global_step"] == 8
+
+
+def test_early_stopping_state():
+    es = EarlyStopping(patience=2, min_delta=0.01)
+    assert es.update(0.5, 1) and not es.should_stop
+    assert not es.update(0.505, 2)  # within min_delta: not an improvement
+    assert not es.update(0.4, 3) and es.should_stop
+    restored = EarlyStopping(2, 0.01)
+    restored.load_state_dict(es.state_dict())
+    assert restored.should_stop and restored.best == 0.5 and restored.best_epoch == 1
+
+
+def test_cross_validation_folds_and_backbone_init_from_another_run(competition, tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.epochs = 1
+    results = train_folds(cfg, competition, tmp_path / "cv", folds=[0, 1], progress=False)
+    assert [r.status for r in results] == ["finished", "finished"]
+    assert (tmp_path / "cv" / "fold1" / "best.pt").is_file()
+    # a variant with another embedding size starts from fold 0's backbone
+    variant = apply_overrides(copy.deepcopy(cfg), [f"model.init_from={tmp_path / 'cv' / 'fold0' / 'best.pt'}",
+                                                   "model.embedding_dim=16"])
+    r = train(variant, competition, tmp_path / "variant", prepared_root=tmp_path / "cv" / "prepared",
+              progress=False, resume_roots=[])
+    assert r.status == "finished"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_gloo(competition, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jaguar_kit.cli",
+           "train", "--data", str(competition), "--out", str(out), "--quiet"]
+    for o in [*TINY_OVERRIDES, "train.epochs=1"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(out / "last.pt")
+    assert state["status"] == "finished" and state["global_step"] == 4
+    assert proc.stdout.count("training on") == 1  # only rank 0 reports and writes
