@@ -1,0 +1,132 @@
+"""Identity-balanced mAP: the jaguar-re-id competition metric, for validation.
+
+For each query image every *other* image is ranked by similarity (the query itself is
+excluded). The query's AP is the mean of precision@k over the ranks k of its true
+matches; a query with no true match (a singleton identity) is skipped. APs are averaged
+within each identity, and the score is the mean over identities, so an identity with 183
+photos weighs as much as one with 13.
+
+Ties: the competition does not say how equal similarities are ordered. Here a query's
+row is sorted by descending similarity with a *stable* sort, so equal similarities keep
+ascending image-index order. The same rule is used by every reference in the tests.
+
+Rank-1 is balanced the same way: for each scored query, 1 if its top-ranked other image
+is a true match, else 0; averaged within each identity, then over identities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import JaguarKitError
+
+# Rows of the similarity matrix sorted per block: keeps the (rows x N) int64 sort
+# buffers near 32 MB whatever N is.
+_BLOCK_ELEMENTS = 4_000_000
+
+
+@dataclass
+class RetrievalScore:
+    """Result of :func:`identity_balanced_map`.
+
+    ``per_identity`` has columns identity, n_images, n_queries, map, rank1; identities
+    with no scored query (singletons) have n_queries 0 and NaN map/rank1 and do not
+    count towards ``map`` or ``rank1``.
+    """
+
+    map: float
+    rank1: float
+    per_identity: pd.DataFrame
+    n_queries: int
+
+
+def ranked_others(similarity: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each query in ``rows``, the other images' indices, best first.
+
+    Sorted by descending similarity, ties by ascending index (stable sort); the query
+    itself is removed. Returns an int64 array of shape (len(rows), N - 1).
+    """
+    n = similarity.shape[1]
+    # Negating float64 keeps order exactly (and avoids unsigned-integer wrap-around).
+    key = -np.asarray(similarity[rows], dtype=np.float64)
+    order = np.argsort(key, axis=1, kind="stable")
+    keep = order != np.asarray(rows)[:, None]
+    return order[keep].reshape(len(rows), n - 1)
+
+
+def _check_inputs(similarity: np.ndarray, labels: Sequence) -> tuple[np.ndarray, np.ndarray, pd.Index]:
+    sim = np.asarray(similarity)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise JaguarKitError(f"metric: similarity must be a square (N, N) matrix, got shape {sim.shape}")
+    n = sim.shape[0]
+    if len(labels) != n:
+        raise JaguarKitError(f"metric: similarity is {n}x{n} but there are {len(labels)} labels")
+    if n < 2:
+        raise JaguarKitError(f"metric: need at least 2 images, got {n}")
+    if not np.issubdtype(sim.dtype, np.number) or np.issubdtype(sim.dtype, np.complexfloating):
+        raise JaguarKitError(f"metric: similarity must be real numbers, got dtype {sim.dtype}")
+    if np.issubdtype(sim.dtype, np.floating):
+        bad = np.argwhere(np.isnan(sim))
+        if len(bad):
+            i, j = bad[0]
+            raise JaguarKitError(f"metric: similarity has NaN at row {i}, column {j}")
+    codes, identities = pd.factorize(pd.Series(list(labels), dtype=object), sort=True)
+    if (codes < 0).any():
+        raise JaguarKitError(f"metric: label of image {int(np.argmax(codes < 0))} is missing (None/NaN)")
+    return sim, codes, pd.Index(identities)
+
+
+def identity_balanced_map(similarity: np.ndarray, labels: Sequence) -> RetrievalScore:
+    """Identity-balanced mAP and rank-1 of an all-vs-all (N, N) similarity matrix.
+
+    ``labels[i]`` is the identity of image i. Higher similarity means more alike. The
+    diagonal is ignored. Raises :class:`JaguarKitError` if no query has a true match.
+    """
+    sim, codes, identities = _check_inputs(similarity, labels)
+    n = sim.shape[0]
+    ap = np.zeros(n)
+    top1 = np.zeros(n)
+    n_true = np.zeros(n, dtype=np.int64)
+    inv_rank = 1.0 / np.arange(1, n)  # 1/k for k = 1..N-1
+    block = max(1, _BLOCK_ELEMENTS // n)
+    for start in range(0, n, block):  # blocks of queries, vectorised inside
+        rows = np.arange(start, min(n, start + block))
+        order = ranked_others(sim, rows)
+        match = codes[order] == codes[rows, None]
+        hits = np.cumsum(match, axis=1)  # true matches within the top k
+        n_true[rows] = hits[:, -1]
+        precision_sum = np.where(match, hits * inv_rank, 0.0).sum(axis=1)
+        ap[rows] = precision_sum / np.maximum(hits[:, -1], 1)
+        top1[rows] = match[:, 0]
+    scored = n_true > 0
+    if not scored.any():
+        raise JaguarKitError("metric: no query has a true match (every identity has a single image)")
+    n_ids = len(identities)
+    n_images = np.bincount(codes, minlength=n_ids)
+    n_queries = np.bincount(codes, weights=scored, minlength=n_ids).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        id_map = np.bincount(codes, weights=ap * scored, minlength=n_ids) / n_queries
+        id_rank1 = np.bincount(codes, weights=top1 * scored, minlength=n_ids) / n_queries
+    per_identity = pd.DataFrame(
+        {
+            "identity": identities,
+            "n_images": n_images,
+            "n_queries": n_queries,
+            "map": np.where(n_queries > 0, id_map, np.nan),
+            "rank1": np.where(n_queries > 0, id_rank1, np.nan),
+        }
+    )
+    has = n_queries > 0
+    return RetrievalScore(
+        map=float(id_map[has].mean()),
+        rank1=float(id_rank1[has].mean()),
+        per_identity=per_identity,
+        n_queries=int(scored.sum()),
+    )
+
+
+__all__ = ["RetrievalScore", "identity_balanced_map", "ranked_others"]
