@@ -48,7 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     d = cfg.data
     done = prepare_images(paths, args.out, d.alpha_mode, d.crop_margin, d.prepared_size, workers=d.workers,
                           progress=not args.quiet)
-    print(f"{len(done)} prepared images in {args.out}")
+    print(f"{done.summary()} in {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data.dataset import ImageDataset, build_transform
+from .data.dataset import ImageDataset, build_transform, worker_init
 from .files import atomic_path, fault_point, remove_stale_temporaries
 
 TTA_VIEWS = {
@@ -64,7 +64,7 @@ def compute_embeddings(
     """Embeddings (float32, L2-normalised) of every item of ``dataset``, in order."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, worker_init_fn=worker_init)
     out = []
     for x, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
         out.append(embed_batch(model, x.to(device, non_blocking=True), views, amp_dtype).cpu())

@@ -40,16 +40,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _disk_full(e):
             raise JaguarKitError(
                 f"{path}: disk full while writing; the previous version of this file is kept"
             ) from e
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """True if ``e`` or an exception it arose from is ENOSPC/EDQUOT.
+
+    Writers wrap the OSError: torch.save's zip writer, for one, re-raises it as a
+    RuntimeError while closing the archive.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -28,24 +28,23 @@ def build_transform(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 CHW tensor -> normalised float CHW tensor at ``input_size`` (squash resize).
 
-    ``light`` augmentation: a mild random resized crop, small rotation, colour jitter and
-    occasional grayscale (night infrared frames). Heavy augmentation hurt in public
-    write-ups (facts.md), so there is no heavier preset. Horizontal flip is off unless
-    asked for: a mirrored left flank is not the right flank.
+    ``light`` augmentation: a small random affine (shift, scale, rotation), colour jitter
+    and occasional grayscale (night infrared frames). The geometry is applied after the
+    same squash resize as evaluation, so rosettes are distorted the same way in training
+    and at test time (a random resized crop of the unsquashed image would not be). Heavy
+    augmentation hurt in public write-ups (facts.md), so there is no heavier preset.
+    Horizontal flip is off unless asked for: a mirrored left flank is not the right flank.
     """
     h, w = input_size
-    steps: list[Callable] = []
+    steps: list[Callable] = [v2.Resize((h, w), antialias=True)]
     if train and augment == "light":
         steps += [
-            v2.RandomResizedCrop((h, w), scale=(0.7, 1.0), ratio=(0.75 * w / h, 1.33 * w / h), antialias=True),
-            v2.RandomRotation(10),
+            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
             v2.RandomGrayscale(p=0.1),
         ]
     elif train and augment != "none":
         raise ValueError(f"train.augment must be 'light' or 'none', got {augment!r}")
-    else:
-        steps.append(v2.Resize((h, w), antialias=True))
     if train and hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -85,6 +84,15 @@ class ImageDataset(Dataset):
                 x = self.transform(image)
         label = -1 if self.labels is None else int(self.labels[index])
         return x, label, index
+
+
+def worker_init(_: int) -> None:
+    """One thread per loader worker: workers already run in parallel, and nested thread
+    pools on a small machine mostly spin against the training process."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 def sample_seed(seed: int, epoch: int, batch: int, position: int) -> int:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config
 from ..data.competition import load_competition
-from ..data.dataset import ImageDataset, build_transform, sample_seed
+from ..data.dataset import ImageDataset, build_transform, sample_seed, worker_init
 from ..data.folds import make_folds, split_indices
 from ..data.prepare import prepare_images
 from ..data.sampler import PKSampler
@@ -194,9 +194,7 @@ def train(
     _seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model = build_model(cfg.model)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+    model = build_model(cfg.model)  # also switches on gradient checkpointing when configured
     criterion = ReIDCriterion(cfg.loss, cfg.model.embedding_dim, len(classes))
     module = TrainModule(model, criterion).to(device)
     optimizer = build_optimizer(model, criterion, tc)
@@ -288,7 +286,7 @@ def train(
             items = [[(i, sample_seed(tc.seed, epoch, b, j) + rank) for j, i in enumerate(batch)]
                      for b, batch in enumerate(batches)]
             loader = DataLoader(train_ds, batch_sampler=items[next_batch:], num_workers=cfg.data.workers,
-                                pin_memory=device.type == "cuda",
+                                pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                                 # its own generator: creating a loader must not draw from the global RNG
                                 generator=torch.Generator().manual_seed(tc.seed + epoch))
             bar = tqdm(loader, total=batches_per_epoch, initial=next_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
