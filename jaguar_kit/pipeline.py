@@ -117,7 +117,7 @@ def embed_split(
         model, names, [prepared[n] for n in names], cache_dir, info.device, tta=embed_cfg.tta,
         chunk_size=embed_cfg.chunk_size, batch_size=embed_cfg.batch_size, amp_dtype=info.amp_dtype,
         preprocessing={"alpha": d.alpha_mode, "margin": d.crop_margin, "size": d.prepared_size},
-        tag=split, progress=progress, weights_id=digest,
+        tag=f"{split}-{embed_cfg.tta}", progress=progress, weights_id=digest,
     )
     return Embeddings(result.names, result.embeddings, source)
 

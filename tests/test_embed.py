@@ -86,10 +86,10 @@ def test_killed_mid_write_resumes_without_recomputing(competition, tmp_path):
     killed = subprocess.run(embed, env=cli_env(JAGUAR_KIT_FAULT="chunk-write:3"), capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     (cache,) = (out / "cache").iterdir()  # one folder per model's weights
-    done = {p.name: p.stat().st_mtime_ns for p in cache.glob("train_*.npz")}
-    assert sorted(done) == ["train_00000.npz", "train_00001.npz"]
+    done = {p.name: p.stat().st_mtime_ns for p in cache.glob("train-flip4_*.npz")}
+    assert sorted(done) == ["train-flip4_00000.npz", "train-flip4_00001.npz"]
     rerun = subprocess.run(embed, env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks untouched
-    assert len(list(cache.glob("train_*.npz"))) == 8  # 36 images / 5 per chunk
+    assert len(list(cache.glob("train-flip4_*.npz"))) == 8  # 36 images / 5 per chunk
     assert not list(cache.glob(".*tmp*"))

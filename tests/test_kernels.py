@@ -38,12 +38,12 @@ def test_kernels_end_to_end_with_a_killed_inference(competition, tmp_path):
 
     killed = _run("infer", input_root, working, fault="chunk-write:3")
     assert killed.returncode == -signal.SIGKILL
-    chunks = {p: p.stat().st_mtime_ns for p in (working / "cache").rglob("test_*.npz")}
+    chunks = {p: p.stat().st_mtime_ns for p in (working / "cache").rglob("test-flip4_*.npz")}
     assert len(chunks) == 2
     infer = _run("infer", input_root, working)
     assert infer.returncode == 0, infer.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in chunks} == chunks  # finished chunks were not recomputed
-    assert len(list((working / "cache").rglob("test_*.npz"))) == 3  # 12 test images / 4 per chunk
+    assert len(list((working / "cache").rglob("test-flip4_*.npz"))) == 3  # 12 test images / 4 per chunk
 
     submit = _run("submit", input_root, working)
     assert submit.returncode == 0, submit.stderr[-2000:]

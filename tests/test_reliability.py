@@ -79,9 +79,9 @@ def test_embedding_killed_at_random_chunks_recomputes_only_unfinished(competitio
     out = tmp_path / "killed"
     rng = random.Random(11)
     for _ in range(3):
-        before = {p: p.stat().st_mtime_ns for p in out.rglob("train_*.npz")}
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("train-flip4_*.npz")}
         assert embed(out, f"chunk-write:{rng.randint(1, 3)}").returncode == -signal.SIGKILL
-        after = {p: p.stat().st_mtime_ns for p in out.rglob("train_*.npz")}
+        after = {p: p.stat().st_mtime_ns for p in out.rglob("train-flip4_*.npz")}
         assert {p: after[p] for p in before} == before  # finished chunks never rewritten
         assert len(after) > len(before)  # each session adds work
     assert embed(out).returncode == 0

@@ -154,14 +154,7 @@ def train(
     is_main = rank == 0
     tc = cfg.train
 
-    # --- data: validated up front, prepared once ---------------------------------------
-    comp = load_competition(data_dir, check_images=True)
-    prepared_root = Path(prepared_root) if prepared_root else run_dir.parent / "prepared"
-    if is_main:
-        prepared = prepare_images(
-            list(comp.train["path"]), prepared_root, cfg.data.alpha_mode, cfg.data.crop_margin,
-            cfg.data.prepared_size, workers=cfg.data.workers, progress=progress,
-        )
+    # --- data: validated up front, prepared once (by rank 0; the others read the cache) ----
     device_info = select_device(tc.device if world == 1 else ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1:
         if device_info.device.type == "cuda":
@@ -169,26 +162,16 @@ def train(
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device_info.device.type == "cuda" else "gloo")
+    prepared_root = Path(prepared_root) if prepared_root else run_dir.parent / "prepared"
+    if is_main:
+        data = _fold_data(cfg, data_dir, prepared_root, progress)
+    if world > 1:
         dist.barrier()
-        if not is_main:  # rank 0 prepared the cache; the others only read it
-            prepared = prepare_images(
-                list(comp.train["path"]), prepared_root, cfg.data.alpha_mode, cfg.data.crop_margin,
-                cfg.data.prepared_size, workers=1, progress=False,
-            )
+        if not is_main:
+            data = _fold_data(cfg, data_dir, prepared_root, progress=False)
     device = device_info.device
-    identities = comp.train["identity"].to_numpy()
-    prepared_paths = np.array([str(prepared[name]) for name in comp.train["filename"]])
-    if cfg.data.fold >= 0:
-        folds = make_folds(identities, cfg.data.num_folds, cfg.data.seed, cfg.data.split)
-        train_idx, val_idx = split_indices(folds, cfg.data.fold)
-        if is_main and folds.small_identities:
-            print(f"note: {len(folds.small_identities)} identities have fewer images than folds: "
-                  f"{', '.join(map(str, folds.small_identities[:8]))}")
-    else:
-        train_idx, val_idx = np.arange(len(identities)), np.array([], dtype=int)
-    classes = sorted(set(identities[train_idx]))
-    class_of = {c: i for i, c in enumerate(classes)}
-    train_labels = np.array([class_of[i] for i in identities[train_idx]])
+    identities, prepared_paths, train_idx, val_idx = data.identities, data.paths, data.train_idx, data.val_idx
+    classes, train_labels = data.classes, data.train_labels
 
     # --- model, loss, optimiser ----------------------------------------------------------
     _seed_everything(tc.seed)
@@ -367,6 +350,37 @@ def train(
             if is_main:
                 print(f"stopped cleanly at epoch {epoch}, batch {next_batch}; run again to resume")
     return TrainResult(run_dir, status, epoch, _best(stopper), history)
+
+
+@dataclass
+class FoldData:
+    identities: np.ndarray  # identity of every training image
+    paths: np.ndarray  # its prepared image
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    classes: list[str]  # identities trained on; ArcFace class i is classes[i]
+    train_labels: np.ndarray  # class index of each train_idx image
+
+
+def _fold_data(cfg: Config, data_dir: str | Path, prepared_root: Path, progress: bool) -> FoldData:
+    """Validate the competition folder, prepare its images, split off the fold."""
+    comp = load_competition(data_dir, check_images=True)
+    d = cfg.data
+    prepared = prepare_images(list(comp.train["path"]), prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
+                              workers=d.workers, progress=progress)
+    identities = comp.train["identity"].to_numpy()
+    paths = np.array([str(prepared[name]) for name in comp.train["filename"]])
+    if d.fold >= 0:
+        folds = make_folds(identities, d.num_folds, d.seed, d.split)
+        train_idx, val_idx = split_indices(folds, d.fold)
+        if progress and folds.small_identities:
+            print(f"note: {len(folds.small_identities)} identities have fewer images than folds: "
+                  f"{', '.join(map(str, folds.small_identities[:8]))}")
+    else:  # fold -1: every image trains, nothing validates (the final model for a submission)
+        train_idx, val_idx = np.arange(len(identities)), np.array([], dtype=int)
+    classes = sorted(set(identities[train_idx]))
+    class_of = {c: i for i, c in enumerate(classes)}
+    return FoldData(identities, paths, train_idx, val_idx, classes, np.array([class_of[i] for i in identities[train_idx]]))
 
 
 def _best(stopper: EarlyStopping) -> float | None:

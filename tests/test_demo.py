@@ -1,0 +1,57 @@
+"""The demo's wiring and the command line's surface (the real demo run is the README's first command)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_OVERRIDES
+from jaguar_kit import cli
+from jaguar_kit.demo import run_demo
+from jaguar_kit.submission import validate_submission
+
+
+def test_demo_writes_report_submission_and_pictures(competition, tmp_path, capsys):
+    report = run_demo(data=competition, out=tmp_path / "demo", overrides=[*TINY_OVERRIDES, "train.epochs=1"],
+                      progress=False)
+    out = tmp_path / "demo"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for model in ("frozen", "finetuned"):
+        for tta in ("none", "flip4"):
+            for tag in ("raw", "reranked"):
+                assert 0 <= on_disk[f"{model}/tta-{tta}/{tag}"]["map"] <= 1
+    chosen = on_disk["chosen_on_validation"]
+    assert f"finetuned-test/tta-{chosen['tta']}/raw" in on_disk  # the synthetic solution is scored too
+    validate_submission(out / "submission.csv", pd.read_csv(competition / "test.csv"))
+    for picture in ("retrieval_grid.png", "run/curves.png"):
+        assert (out / picture).stat().st_size > 1000
+    table = (out / "report.md").read_text()
+    assert "| frozen baseline | val | flip4 | yes |" in table and "| fine-tuned | val | none | no |" in table
+    assert "report.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["synth", "prepare", "train", "embed", "score", "submit", "demo", "kaggle"])
+def test_every_stage_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: jaguar-kit " + command in capsys.readouterr().out
+
+
+def test_cli_stages_chain_on_synthetic_data(competition, tmp_path, capsys):
+    """synth -> train -> embed -> score -> submit through the command line, as the README shows."""
+    sets = [a for o in [*TINY_OVERRIDES, "train.epochs=1"] for a in ("--set", o)]
+    run, emb, sub = tmp_path / "run", tmp_path / "emb", tmp_path / "sub"
+    cli.main(["train", "--data", str(competition), "--out", str(run), "--quiet", *sets])
+    cli.main(["embed", "--data", str(competition), "--out", str(emb), "--checkpoint", str(run / "best.pt"),
+              "--split", "val", "test", "--quiet"])
+    cli.main(["score", "--embeddings", str(emb / "embeddings_val.npz"), "--labels", str(competition / "train.csv"),
+              "--per-identity", *sets])
+    cli.main(["submit", "--data", str(competition), "--out", str(sub), "--embeddings", str(emb / "embeddings_test.npz"),
+              str(emb / "embeddings_test.npz"), *sets])  # the same model twice: a (trivial) ensemble
+    out = capsys.readouterr().out
+    assert "raw       identity-balanced mAP" in out and "kaggle competitions submit" in out
+    validate_submission(sub / "submission.csv", pd.read_csv(competition / "test.csv"))
