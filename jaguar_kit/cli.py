@@ -78,8 +78,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     cache = Path(cfg.embed.cache_dir or (default_cache_dir() if is_kaggle() else out / "cache"))
     prepared = Path(args.prepared or out / "prepared")
     for split in args.split:
-        emb = embed_split(args.checkpoint, args.data, split, cache, prepared, cfg if args.checkpoint.startswith("frozen:") else None,
-                          device=cfg.train.device, progress=not args.quiet)
+        emb = embed_split(args.checkpoint, args.data, split, cache, prepared, cfg, device=cfg.train.device,
+                          progress=not args.quiet)
         path = emb.save(out / f"embeddings_{split}.npz")
         print(f"{len(emb.names)} {split} embeddings -> {path}")
 

@@ -82,7 +82,7 @@ class TrainConfig:
 class EmbedConfig:
     chunk_size: int = 100
     tta: str = "flip4"  # flip4 (none, h, v, hv) | hflip (none, h) | none
-    batch_size: int = 32
+    batch_size: int = 32  # images per forward pass, TTA views included
     cache_dir: str = ""  # "": /kaggle/working/cache on Kaggle, RUN/cache elsewhere
 
 

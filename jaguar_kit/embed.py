@@ -153,7 +153,9 @@ def embed_images(
         emb = _load_chunk(path, fp, chunk_names) if path.exists() else None
         if emb is None:
             ds = ImageDataset(chunk_paths, None, transform)
-            emb = compute_embeddings(model, ds, device, views, batch_size, amp_dtype=amp_dtype)
+            # batch_size counts images per forward pass, views included: the views of an image
+            # go through together, and a forward costs (and holds) the same whatever the TTA.
+            emb = compute_embeddings(model, ds, device, views, max(1, batch_size // len(views)), amp_dtype=amp_dtype)
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(

@@ -85,9 +85,10 @@ def embed_split(
 ) -> Embeddings:
     """Embed a split with TTA through the resumable chunk cache.
 
-    ``model_source`` is a training checkpoint (its config decides the preprocessing), or
-    ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled features (the
-    baseline). ``cfg`` supplies the embedding settings and, for ``frozen:``, the data ones.
+    ``model_source`` is a training checkpoint (its config decides the preprocessing and the
+    validation fold), or ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled
+    features (the baseline). ``cfg`` supplies the embedding settings (TTA, chunk size) and,
+    for ``frozen:``, the data ones.
     Chunks live in ``cache_dir/<weights digest>/``; chunks of the same weights found under
     ``seed_roots`` (a previous session's output attached as an input) are copied in first,
     so a new session continues where the last one stopped.
@@ -109,7 +110,7 @@ def embed_split(
     cache_dir = Path(cache_dir) / digest
     _seed_cache(cache_dir, digest, seed_roots)
     embed_cfg = (cfg or run_cfg).embed
-    names, paths, _ = split_images(cfg or run_cfg, data_dir, split)
+    names, paths, _ = split_images(run_cfg, data_dir, split)
     d = run_cfg.data
     prepared = prepare_images(paths, prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
                               workers=d.workers, progress=progress)
@@ -142,7 +143,8 @@ def _seed_cache(cache_dir: Path, digest: str, roots: Sequence[Path]) -> None:
 def find_outputs(roots: Sequence[Path], pattern: str) -> list[Path]:
     """Files matching ``pattern`` under ``roots`` (e.g. ``best.pt`` of attached training runs).
 
-    Sorted by path, duplicates by content-free identity (resolved path) removed.
+    Sorted by path within each root; a file reached twice (through a link, or a root
+    inside another) is listed once.
     """
     found: dict[Path, None] = {}
     for root in roots:
