@@ -259,7 +259,7 @@ def test_pickled_code_in_a_checkpoint_is_refused_and_never_run(tmp_path):
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
     evil = tmp_path / "last.pt"
     with open(evil, "wb") as f:
-        pickle.dump({"model": {}, "x": _Payload(marker)}, f)
+        pickle.dump({"model": {}, "x": _Payload(marker)}, f, protocol=2)
     with pytest.raises(JaguarKitError, match="refused to load"):
         load_checkpoint(evil)
     shutil.copy(evil, tmp_path / "best.pt")
