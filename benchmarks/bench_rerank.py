@@ -31,6 +31,9 @@ from jaguar_kit.files import atomic_write_text  # noqa: E402
 from jaguar_kit.metrics import identity_balanced_map, ranked_others  # noqa: E402
 from jaguar_kit.retrieval import cosine_similarity, k_reciprocal_rerank  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from test_retrieval import loop_rerank  # noqa: E402  the same loop code, single set: the reference
+
 
 def clustered(n: int, dim: int = 512, per_id: int = 61, noise: float = 3.0, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -102,60 +105,6 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     return final_dist[:query_num, query_num:]
 
 
-def loop_single_set(dist: np.ndarray, k1=20, k2=6, lambda_value=0.3) -> np.ndarray:
-    """The same loop code on one N x N distance (the form jaguar_kit implements), symmetrised.
-
-    Identical statements to re_ranking above, with original_dist = the N x N matrix
-    instead of the [[q_q, q_g], [q_g.T, g_g]] concatenation, and all_num = query_num = N.
-    """
-    original_dist = np.power(dist, 2).astype(np.float32)
-    original_dist = np.transpose(1.0 * original_dist / np.max(original_dist, axis=0))
-    return _loop_part(original_dist, original_dist.shape[0], k1, k2, lambda_value)
-
-
-def _loop_part(original_dist, all_num, k1, k2, lambda_value):
-    V = np.zeros_like(original_dist).astype(np.float32)
-    initial_rank = np.argsort(original_dist).astype(np.int32)
-    for i in range(all_num):
-        forward_k_neigh_index = initial_rank[i, : k1 + 1]
-        backward_k_neigh_index = initial_rank[forward_k_neigh_index, : k1 + 1]
-        fi = np.where(backward_k_neigh_index == i)[0]
-        k_reciprocal_index = forward_k_neigh_index[fi]
-        k_reciprocal_expansion_index = k_reciprocal_index
-        for j in range(len(k_reciprocal_index)):
-            candidate = k_reciprocal_index[j]
-            h = int(np.around(k1 / 2.0)) + 1
-            candidate_forward_k_neigh_index = initial_rank[candidate, :h]
-            candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index, :h]
-            fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
-            candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
-            if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2.0 / 3 * len(
-                candidate_k_reciprocal_index
-            ):
-                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index, candidate_k_reciprocal_index)
-        k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
-        weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
-        V[i, k_reciprocal_expansion_index] = 1.0 * weight / np.sum(weight)
-    if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float32)
-        for i in range(all_num):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-    invIndex = [np.where(V[:, i] != 0)[0] for i in range(all_num)]
-    jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
-    for i in range(all_num):
-        temp_min = np.zeros(shape=[1, all_num], dtype=np.float32)
-        indNonZero = np.where(V[i, :] != 0)[0]
-        indImages = [invIndex[ind] for ind in indNonZero]
-        for j in range(len(indNonZero)):
-            temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
-                V[i, indNonZero[j]], V[indImages[j], indNonZero[j]]
-            )
-        jaccard_dist[i] = 1 - temp_min / (2.0 - temp_min)
-    final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
-    return (final_dist + final_dist.T) / 2
-
-
 def best_of(fn, repeats: int):
     """Best wall time and its CPU time over ``repeats`` runs (the machine is shared)."""
     best, out = None, None
@@ -183,7 +132,7 @@ def run_size(n: int) -> dict:
     k_reciprocal_rerank(sim, is_similarity=True)  # warm-up (thread pools, allocator)
     t_ours, ours = best_of(lambda: k_reciprocal_rerank(sim, is_similarity=True), 5)
     t_common, common = best_of(lambda: re_ranking(dist, dist, dist), 2)
-    t_single, single = best_of(lambda: loop_single_set(dist), 1)
+    t_single, single = best_of(lambda: loop_rerank(sim), 1)
     m = {
         "cosine": identity_balanced_map(sim, labels).map,
         "ours": identity_balanced_map(-ours, labels).map,
