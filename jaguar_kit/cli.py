@@ -55,11 +55,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.engine import launch_ddp, train, train_folds
 
     cfg = _config(args)
-    if args.gpus > 1:
+    if args.gpus > 1:  # the run's own config.json carries the settings to every rank
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "launch-config.json")
-        sys.exit(launch_ddp(out / "launch-config.json", args.data, out, nproc=args.gpus))
+        cfg.save(out / "config.json")
+        sys.exit(launch_ddp(out / "config.json", args.data, out, nproc=args.gpus))
     if args.all_folds:
         results = train_folds(cfg, args.data, args.out, progress=not args.quiet)
     else:

@@ -59,9 +59,8 @@ RUN = working_root() / "run"
 GPUS = torch.cuda.device_count()
 print(f"data: {DATA}\nrun folder: {RUN}\nGPUs: {GPUS}")
 if GPUS > 1:
-    RUN.mkdir(parents=True, exist_ok=True)
-    cfg.save(RUN.parent / "launch-config.json")
-    if launch_ddp(RUN.parent / "launch-config.json", DATA, RUN, nproc=GPUS) != 0:
+    cfg.save(RUN / "config.json")  # every rank reads the run's config
+    if launch_ddp(RUN / "config.json", DATA, RUN, nproc=GPUS) != 0:
         raise SystemExit("DDP training failed: see the log above")
 else:
     result = train(cfg, DATA, RUN)
