@@ -17,7 +17,6 @@ from typing import Iterator
 
 from .errors import JaguarKitError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

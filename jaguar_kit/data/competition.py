@@ -217,8 +217,8 @@ def load_competition(root: str | Path, check_images: bool = True) -> Competition
         {"filename": test_names, "path": [test_dir / f for f in test_names] if test_dir else []}
     )
     if check_images:
-        for df, kind in ((train, "train"), (test_images, "test")):
-            for fname, path in zip(df["filename"], df["path"]):
+        for df in (train, test_images):
+            for path in df["path"]:
                 problem = image_file_problem(path)
                 if problem:
                     problems.add(f"image_{problem[0]}", f"{path}: {problem[1]}")

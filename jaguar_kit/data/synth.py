@@ -177,7 +177,16 @@ def coat_pattern(seed: int, identity: int, flank: int) -> dict[str, list[np.ndar
     di = np.repeat(np.arange(n_ros), n_dots)
     off = rng.normal(0, 0.25, (len(di), 2)) * r[di, None]
     rd = r[di] * rng.uniform(0.1, 0.2, len(di))
-    spots += list(_ellipses(cx[di] + off[:, 0], cy[di] + off[:, 1], rd, rd * rng.uniform(0.7, 1.0, len(di)), rng.uniform(0, np.pi, len(di)), 8))
+    spots += list(
+        _ellipses(
+            cx[di] + off[:, 0],
+            cy[di] + off[:, 1],
+            rd,
+            rd * rng.uniform(0.7, 1.0, len(di)),
+            rng.uniform(0, np.pi, len(di)),
+            8,
+        )
+    )
 
     # Solid spots everywhere else (head, neck, legs, belly, tail), a line along the spine.
     ds = 0.09 + 0.04 * st[5]
@@ -190,7 +199,16 @@ def coat_pattern(seed: int, identity: int, flank: int) -> dict[str, list[np.ndar
     xd = np.arange(-1.3, 1.3, 0.16) + rng.uniform(-0.05, 0.05)
     xd = xd[rng.random(len(xd)) < 0.85]
     m = len(xd)
-    spots += list(_ellipses(xd, -0.46 + rng.normal(0, 0.025, m), rng.uniform(0.05, 0.08, m), rng.uniform(0.022, 0.035, m), rng.normal(0, 0.15, m), 10))
+    spots += list(
+        _ellipses(
+            xd,
+            -0.46 + rng.normal(0, 0.025, m),
+            rng.uniform(0.05, 0.08, m),
+            rng.uniform(0.022, 0.035, m),
+            rng.normal(0, 0.15, m),
+            10,
+        )
+    )
     return {"spots": spots, "centres": list(centres)}
 
 
@@ -272,10 +290,21 @@ def _body_parts(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.nda
     steps = np.full(n, rng.uniform(1.0, 1.45) / n)
     curl = rng.uniform(-1.2, 1.6)
     ang = rng.uniform(0.5, 1.3) + curl * np.linspace(0, 1, n) ** 2
-    tail_pts = np.concatenate([[[a * 0.93, -b * 0.35]], [a * 0.93, -b * 0.35] + np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * steps[:, None], 0)])
+    tail_pts = np.concatenate(
+        [
+            [[a * 0.93, -b * 0.35]],
+            [a * 0.93, -b * 0.35] + np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * steps[:, None], 0),
+        ]
+    )
     tail = _ribbon(tail_pts, np.linspace(0.14, 0.07, n + 1))
 
-    landmarks = {"a": a, "b": b, "eye": (hx - 0.1, head_y - 0.05), "nose": (hx - 0.37, head_y + 0.03), "feet_y": b * 0.35 + 0.95}
+    landmarks = {
+        "a": a,
+        "b": b,
+        "eye": (hx - 0.1, head_y - 0.05),
+        "nose": (hx - 0.37, head_y + 0.03),
+        "feet_y": b * 0.35 + 0.95,
+    }
     return far, [tail, torso, neck, head, muzzle, *ears, *near], landmarks
 
 
@@ -325,8 +354,19 @@ def _background(rng: np.random.Generator, h: int, w: int, k: float) -> np.ndarra
         x = rng.uniform(0, w2)
         tw = rng.uniform(0.02, 0.1) * w2
         lean = rng.normal(0, 0.08) * h2
-        poly = np.array([[x - tw / 2, -2], [x + tw / 2, -2], [x + tw / 2 + lean, h2 * rng.uniform(0.55, 1.1)], [x - tw / 2 + lean, h2 * rng.uniform(0.55, 1.1)]])
-        _fill(img, [poly], tuple(float(v) for v in _hsv(rng.uniform(15, 45), rng.uniform(0.1, 0.45), rng.uniform(0.12, 0.5))))
+        poly = np.array(
+            [
+                [x - tw / 2, -2],
+                [x + tw / 2, -2],
+                [x + tw / 2 + lean, h2 * rng.uniform(0.55, 1.1)],
+                [x - tw / 2 + lean, h2 * rng.uniform(0.55, 1.1)],
+            ]
+        )
+        _fill(
+            img,
+            [poly],
+            tuple(float(v) for v in _hsv(rng.uniform(15, 45), rng.uniform(0.1, 0.45), rng.uniform(0.12, 0.5))),
+        )
     n = int(rng.integers(20, 70))  # grass blades and leaves
     cols = _hsv_many(rng.uniform(35, 120, n), rng.uniform(0.25, 0.8, n), rng.uniform(0.15, 0.7, n))
     tt = np.linspace(0, 1, 5)
@@ -337,7 +377,14 @@ def _background(rng: np.random.Generator, h: int, w: int, k: float) -> np.ndarra
             pts = np.stack([x0 + rng.normal(0, 0.4) * ln * tt**2, y0 - ln * tt], 1)
             poly = _ribbon(pts, np.linspace(rng.uniform(1.5, 4) * k2, 0.3, 5))
         else:
-            poly = _ellipse_pts(rng.uniform(0, w2), rng.uniform(0, h2), rng.uniform(3, 12) * k2, rng.uniform(1.5, 5) * k2, rng.uniform(0, np.pi), 12)
+            poly = _ellipse_pts(
+                rng.uniform(0, w2),
+                rng.uniform(0, h2),
+                rng.uniform(3, 12) * k2,
+                rng.uniform(1.5, 5) * k2,
+                rng.uniform(0, np.pi),
+                12,
+            )
         _fill(img, [poly], tuple(float(v) for v in cols[i]))
     blur = rng.uniform(0.0, 2.0) * k2  # depth of field
     if blur > 0.25:
@@ -345,7 +392,9 @@ def _background(rng: np.random.Generator, h: int, w: int, k: float) -> np.ndarra
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _occluders(rng: np.random.Generator, h: int, w: int, k: float, box: tuple[float, float, float, float]) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _occluders(
+    rng: np.random.Generator, h: int, w: int, k: float, box: tuple[float, float, float, float]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Foreground foliage in front of the animal: (mask float32 (h, w), colour (h, w, 3)), or
     (None, None) when there is none."""
     x0, y0, x1, y1 = box
@@ -356,16 +405,38 @@ def _occluders(rng: np.random.Generator, h: int, w: int, k: float, box: tuple[fl
             ln = rng.uniform(0.1, 0.45) * h
             tt = np.linspace(0, 1, 6)
             pts = np.stack([xb + rng.normal(0, 0.35) * ln * tt**2, h + 2 - ln * tt], 1)
-            items.append((_ribbon(pts, np.linspace(rng.uniform(2, 5) * k, 0.4, 6)), tuple(float(v) for v in _hsv(rng.uniform(40, 110), rng.uniform(0.3, 0.8), rng.uniform(0.2, 0.65)))))
+            items.append(
+                (
+                    _ribbon(pts, np.linspace(rng.uniform(2, 5) * k, 0.4, 6)),
+                    tuple(float(v) for v in _hsv(rng.uniform(40, 110), rng.uniform(0.3, 0.8), rng.uniform(0.2, 0.65))),
+                )
+            )
     if rng.random() < 0.3:  # a leafy twig
         cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
         for _ in range(int(rng.integers(3, 12))):
             r = rng.uniform(0.02, 0.05) * w
-            items.append((_ellipse_pts(cx + rng.normal(0, 0.06 * w), cy + rng.normal(0, 0.06 * w), r, r * rng.uniform(0.3, 0.5), rng.uniform(0, np.pi), 16), tuple(float(v) for v in _hsv(rng.uniform(70, 130), rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.5)))))
+            items.append(
+                (
+                    _ellipse_pts(
+                        cx + rng.normal(0, 0.06 * w),
+                        cy + rng.normal(0, 0.06 * w),
+                        r,
+                        r * rng.uniform(0.3, 0.5),
+                        rng.uniform(0, np.pi),
+                        16,
+                    ),
+                    tuple(float(v) for v in _hsv(rng.uniform(70, 130), rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.5))),
+                )
+            )
     if rng.random() < 0.12:  # a branch across the frame
         y_a, y_b = rng.uniform(0, h, 2)
         pts = np.array([[-5, y_a], [w / 2, (y_a + y_b) / 2 + rng.normal(0, 0.05 * h)], [w + 5, y_b]])
-        items.append((_ribbon(pts, np.full(3, rng.uniform(0.015, 0.04) * w)), tuple(float(v) for v in _hsv(rng.uniform(15, 40), rng.uniform(0.2, 0.5), rng.uniform(0.15, 0.4)))))
+        items.append(
+            (
+                _ribbon(pts, np.full(3, rng.uniform(0.015, 0.04) * w)),
+                tuple(float(v) for v in _hsv(rng.uniform(15, 40), rng.uniform(0.2, 0.5), rng.uniform(0.15, 0.4))),
+            )
+        )
     if not items:
         return None, None
     mask = np.zeros((h, w), np.float32)
@@ -401,7 +472,16 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
     # ground shadow under the feet
     feet = _apply(A, np.array([[0.0, lm["feet_y"]]]))[0]
     shadow = np.zeros((h, w), np.float32)
-    cv2.ellipse(shadow, (int(feet[0]), int(feet[1])), (int(1.3 * s), max(1, int(0.12 * s))), math.degrees(theta), 0, 360, 1.0, -1)
+    cv2.ellipse(
+        shadow,
+        (int(feet[0]), int(feet[1])),
+        (int(1.3 * s), max(1, int(0.12 * s))),
+        math.degrees(theta),
+        0,
+        360,
+        1.0,
+        -1,
+    )
     shadow = _blur(shadow, 0.08 * s)
     img *= 1 - rng.uniform(0.2, 0.5) * shadow[..., None]
 
@@ -424,7 +504,13 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
         cv = by * ks[1] + bend * (1 - np.clip(bx / lm["a"], -1, 1) ** 2) + dv
         ppu = _PPU_PER_WIDTH * w
         tex = render_coat(seed, identity, flank, ppu)
-        coat = cv2.remap(tex, ((cu - _X0) * ppu).astype(np.float32), ((cv - _Y0) * ppu).astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        coat = cv2.remap(
+            tex,
+            ((cu - _X0) * ppu).astype(np.float32),
+            ((cv - _Y0) * ppu).astype(np.float32),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+        )
         spot = coat[..., 0].astype(np.float32) / 255
         centre = coat[..., 1].astype(np.float32) / 255
 
@@ -432,7 +518,14 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
         cream = _hsv(rng.uniform(30, 45), rng.uniform(0.05, 0.2), rng.uniform(0.8, 0.95))
         bb = lm["b"]
         # pale belly under the torso, fading out down the legs
-        belly = 0.8 * (np.clip((by - 0.6 * bb) / (0.4 * bb), 0, 1) * np.clip((1.15 * bb + 0.25 - by) / 0.25, 0, 1) * np.clip((1.15 * lm["a"] - np.abs(bx)) / 0.2, 0, 1))[..., None]
+        belly = (
+            0.8
+            * (
+                np.clip((by - 0.6 * bb) / (0.4 * bb), 0, 1)
+                * np.clip((1.15 * bb + 0.25 - by) / 0.25, 0, 1)
+                * np.clip((1.15 * lm["a"] - np.abs(bx)) / 0.2, 0, 1)
+            )[..., None]
+        )
         shade = (1.06 - 0.25 * np.clip((by + 0.3 * bb) / bb, -1, 1.3) ** 2)[..., None]  # round body, lit from above
         fur = 1 + 0.1 * _blur(rng.standard_normal(bx.shape, dtype=np.float32), 0.7 * k)[..., None]
         col = (base * (1 - belly) + cream * belly) * shade * fur
@@ -508,14 +601,25 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
         rgb[sl] = 0
         alpha[sl] = 0
         stamp = f"{int(rng.integers(2017, 2025))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d} {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}  {int(rng.integers(18, 34))}C  CAM{int(rng.integers(1, 40)):02d}"
-        cv2.putText(rgb, stamp, (int(0.02 * w), (0 if top else h - bh) + int(0.75 * bh)), cv2.FONT_HERSHEY_SIMPLEX, bh / 40, (235, 235, 235), max(1, bh // 14), cv2.LINE_AA)
+        cv2.putText(
+            rgb,
+            stamp,
+            (int(0.02 * w), (0 if top else h - bh) + int(0.75 * bh)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            bh / 40,
+            (235, 235, 235),
+            max(1, bh // 14),
+            cv2.LINE_AA,
+        )
     return np.dstack([rgb[..., ::-1], alpha])
 
 
 # ----------------------------------------------------------------------------- the folder
 
 
-def _check_args(identities: int, images_per_identity: int, test_per_identity: int, size: int, seed: int, workers: int) -> None:
+def _check_args(
+    identities: int, images_per_identity: int, test_per_identity: int, size: int, seed: int, workers: int
+) -> None:
     for name, value, lo in (
         ("identities", identities, 2),
         ("images_per_identity", images_per_identity, 2),
@@ -643,8 +747,13 @@ def generate_competition(
     atomic_write_text(out / "train.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g in train_rows))
     atomic_write_text(out / "solution.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g in test_rows))
     pairs = [(q, g) for q in test_names for g in test_names if q != g]
-    atomic_write_text(out / "test.csv", "row_id,query_image,gallery_image\n" + "".join(f"{r},{q},{g}\n" for r, (q, g) in enumerate(pairs)))
-    atomic_write_text(out / "sample_submission.csv", "row_id,similarity\n" + "".join(f"{r},0.5\n" for r in range(len(pairs))))
+    atomic_write_text(
+        out / "test.csv",
+        "row_id,query_image,gallery_image\n" + "".join(f"{r},{q},{g}\n" for r, (q, g) in enumerate(pairs)),
+    )
+    atomic_write_text(
+        out / "sample_submission.csv", "row_id,similarity\n" + "".join(f"{r},0.5\n" for r in range(len(pairs)))
+    )
     atomic_write_text(manifest, json.dumps({**params, "complete": True}, indent=2) + "\n")
     return out
 

@@ -104,10 +104,6 @@ class TrainResult:
     def best_checkpoint(self) -> Path:
         return self.run_dir / BEST
 
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.run_dir / LAST
-
 
 @contextmanager
 def _stop_on_sigterm(flag: dict[str, bool]) -> Iterator[None]:
