@@ -13,7 +13,7 @@
 
 # %% [markdown]
 # # jaguar_kit: resumable inference
-# Embeds the test images with every trained model attached as an input (the training
+# Embeds the test and training images with every trained model attached as an input (the training
 # kernel's output), four flips as test-time augmentation, in 100-image chunks cached under
 # `/kaggle/working/cache`. Run it again after a timeout: finished chunks are reused (attach
 # this notebook's previous output too when the session changed).
@@ -38,7 +38,7 @@ elif importlib.util.find_spec("jaguar_kit") is None:
 
 # %% Settings.
 CHECKPOINT_NAME = "best.pt"  # which checkpoint of each attached training run
-SPLITS = ["test"]  # add "train" to embed the training images too
+SPLITS = ["test", "train"]  # test first: the submission needs it; train embeddings serve validation and QE
 OVERRIDES = ["embed.tta=flip4", "embed.chunk_size=100"]
 OVERRIDES += [o for o in os.environ.get("JAGUAR_KIT_SET", "").split(";") if o]
 
