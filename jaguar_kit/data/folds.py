@@ -21,6 +21,15 @@ import numpy as np
 from ..errors import JaguarKitError
 
 FOLD_MODES = ("stratified", "identity")
+
+
+def group_by_identity(labels: Sequence, what: str) -> tuple[list[str], list[np.ndarray]]:
+    """(sorted identity names, indices of each identity's images); ``what`` names the caller in errors."""
+    names = np.asarray([str(x) for x in labels])
+    if names.size == 0:
+        raise JaguarKitError(f"{what}: no labels")
+    identities, inverse = np.unique(names, return_inverse=True)
+    return [str(i) for i in identities], [np.flatnonzero(inverse == i) for i in range(len(identities))]
 _IDENTITY_TRIES = 16
 
 
@@ -47,14 +56,10 @@ def make_folds(
         raise JaguarKitError(f"fold mode {mode!r} unknown (expected one of {', '.join(FOLD_MODES)})")
     if num_folds < 2:
         raise JaguarKitError(f"num_folds must be >= 2, got {num_folds}")
-    labels_arr = np.asarray([str(x) for x in labels])
-    if labels_arr.size == 0:
-        raise JaguarKitError("cannot make folds: no labels")
-    identities, inverse = np.unique(labels_arr, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(identities))]
+    identities, members = group_by_identity(labels, "cannot make folds")
     sizes = np.array([len(m) for m in members])
     rng = np.random.default_rng(seed)
-    fold = np.full(labels_arr.size, -1, dtype=np.int64)
+    fold = np.full(len(labels), -1, dtype=np.int64)
 
     if mode == "identity":
         if len(identities) < num_folds:

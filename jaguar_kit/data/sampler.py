@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import JaguarKitError
+from .folds import group_by_identity
 
 
 class PKSampler:
@@ -49,17 +50,12 @@ class PKSampler:
             raise JaguarKitError(f"PK sampler: rank {rank} out of range for world size {world_size}")
         if seed < 0:
             raise JaguarKitError(f"PK sampler: seed must be >= 0, got {seed}")
-        names = np.asarray([str(x) for x in labels])
-        if names.size == 0:
-            raise JaguarKitError("PK sampler: no labels")
-        identities, inverse = np.unique(names, return_inverse=True)
-        self.identities = [str(i) for i in identities]
-        self.members = [np.flatnonzero(inverse == i) for i in range(len(identities))]
+        self.identities, self.members = group_by_identity(labels, "PK sampler")
         self.p, self.k = int(p), int(k)
-        self.p_eff = min(self.p, len(identities))
+        self.p_eff = min(self.p, len(self.identities))
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         if steps_per_epoch is None or steps_per_epoch <= 0:
-            steps_per_epoch = max(1, names.size // (self.p * self.k * self.world_size))
+            steps_per_epoch = max(1, len(labels) // (self.p * self.k * self.world_size))
         self.steps_per_epoch = int(steps_per_epoch)
         self._epoch, self._start = 0, 0
 
