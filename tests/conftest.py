@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +57,19 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def cli_command(*args, overrides=()) -> list[str]:
+    """``python -m jaguar_kit.cli ARGS --quiet --set O ...``"""
+    cmd = [PYTHON, "-m", "jaguar_kit.cli", *map(str, args), "--quiet"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_cli(*args, overrides=(), fault: str | None = None, timeout: float = 300, **env: str):
+    """Run the command line in a subprocess; ``fault`` arms a JAGUAR_KIT_FAULT kill point."""
+    if fault:
+        env["JAGUAR_KIT_FAULT"] = fault
+    return subprocess.run(cli_command(*args, overrides=overrides), env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout)

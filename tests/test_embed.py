@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PYTHON, TINY_OVERRIDES, cli_env
+from conftest import TINY_OVERRIDES, run_cli
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import load_competition
 from jaguar_kit.data.dataset import build_transform
@@ -76,19 +75,16 @@ def test_four_flip_tta_is_the_mean_of_the_views(setup):
 def test_killed_mid_write_resumes_without_recomputing(competition, tmp_path):
     """A real SIGKILL while the third chunk is being written; the rerun only does chunks 3+."""
     run = tmp_path / "run"
-    train = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(competition), "--out", str(run), "--quiet"]
-    for o in [*TINY_OVERRIDES, "train.epochs=1"]:
-        train += ["--set", o]
-    assert subprocess.run(train, env=cli_env(), capture_output=True).returncode == 0
+    assert run_cli("train", "--data", competition, "--out", run,
+                   overrides=[*TINY_OVERRIDES, "train.epochs=1"]).returncode == 0
     out = tmp_path / "emb"
-    embed = [PYTHON, "-m", "jaguar_kit.cli", "embed", "--data", str(competition), "--out", str(out),
-             "--checkpoint", str(run / "best.pt"), "--split", "train", "--quiet", "--set", "embed.chunk_size=5"]
-    killed = subprocess.run(embed, env=cli_env(JAGUAR_KIT_FAULT="chunk-write:3"), capture_output=True, text=True)
+    embed = ("embed", "--data", competition, "--out", out, "--checkpoint", run / "best.pt", "--split", "train")
+    killed = run_cli(*embed, overrides=["embed.chunk_size=5"], fault="chunk-write:3")
     assert killed.returncode == -signal.SIGKILL
     (cache,) = (out / "cache").iterdir()  # one folder per model's weights
     done = {p.name: p.stat().st_mtime_ns for p in cache.glob("train-flip4_*.npz")}
     assert sorted(done) == ["train-flip4_00000.npz", "train-flip4_00001.npz"]
-    rerun = subprocess.run(embed, env=cli_env(), capture_output=True, text=True)
+    rerun = run_cli(*embed, overrides=["embed.chunk_size=5"])
     assert rerun.returncode == 0, rerun.stderr
     assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks untouched
     assert len(list(cache.glob("train-flip4_*.npz"))) == 8  # 36 images / 5 per chunk

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, TINY_OVERRIDES, cli_env
+from conftest import TINY_OVERRIDES, run_cli
 from jaguar_kit import cli
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
@@ -30,11 +30,7 @@ RELIABILITY = [*TINY_OVERRIDES, "train.epochs=4", "train.checkpoint_every=1"]  #
 
 
 def _train(data, out, fault=None):
-    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(data), "--out", str(out), "--quiet"]
-    for o in RELIABILITY:
-        cmd += ["--set", o]
-    env = cli_env(**({"JAGUAR_KIT_FAULT": fault} if fault else {}))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return run_cli("train", "--data", data, "--out", out, overrides=RELIABILITY, fault=fault)
 
 
 @pytest.mark.slow
@@ -64,16 +60,12 @@ def test_five_random_kills_then_resume_equal_an_uninterrupted_run(competition, t
 @pytest.mark.slow
 def test_embedding_killed_at_random_chunks_recomputes_only_unfinished(competition, tmp_path):
     run = tmp_path / "run"
-    train_cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(competition), "--out", str(run), "--quiet"]
-    for o in [*TINY_OVERRIDES, "train.epochs=1"]:
-        train_cmd += ["--set", o]
-    assert subprocess.run(train_cmd, env=cli_env(), capture_output=True).returncode == 0
+    train_run = run_cli("train", "--data", competition, "--out", run, overrides=[*TINY_OVERRIDES, "train.epochs=1"])
+    assert train_run.returncode == 0
 
     def embed(out, fault=None):
-        cmd = [PYTHON, "-m", "jaguar_kit.cli", "embed", "--data", str(competition), "--out", str(out), "--quiet",
-               "--checkpoint", str(run / "best.pt"), "--split", "train", "--set", "embed.chunk_size=4"]
-        return subprocess.run(cmd, env=cli_env(**({"JAGUAR_KIT_FAULT": fault} if fault else {})),
-                              capture_output=True, text=True, timeout=300)
+        return run_cli("embed", "--data", competition, "--out", out, "--checkpoint", run / "best.pt", "--split",
+                       "train", overrides=["embed.chunk_size=4"], fault=fault)
 
     assert embed(tmp_path / "reference").returncode == 0
     out = tmp_path / "killed"

@@ -12,19 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PYTHON, TINY_OVERRIDES, cli_env
+from conftest import TINY_OVERRIDES, cli_command, cli_env, run_cli
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.train.checkpoint import load_checkpoint
 from jaguar_kit.train.engine import EarlyStopping, train, train_folds
 
 
-def _train_cli(data, out, *overrides, fault: str | None = None, timeout: float = 300):
-    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(data), "--out", str(out), "--quiet"]
-    for o in [*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides]:
-        cmd += ["--set", o]
-    env = cli_env(**({"JAGUAR_KIT_FAULT": fault} if fault else {}))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def _train_cli(data, out, *overrides, fault: str | None = None):
+    return run_cli("train", "--data", data, "--out", out,
+                   overrides=[*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides], fault=fault)
 
 
 def _weights(path):
@@ -88,9 +85,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(competition, tmp
 
 def test_sigterm_stops_cleanly_and_resumes(competition, reference_run, tmp_path):
     out = tmp_path / "run"
-    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--data", str(competition), "--out", str(out), "--quiet"]
-    for o in [*TINY_OVERRIDES, "train.epochs=40"]:
-        cmd += ["--set", o]
+    cmd = cli_command("train", "--data", competition, "--out", out, overrides=[*TINY_OVERRIDES, "train.epochs=40"])
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "last.pt").exists() and time.monotonic() < deadline:
@@ -168,11 +163,8 @@ def test_cross_validation_folds_and_backbone_init_from_another_run(competition, 
 def test_ddp_two_processes_on_cpu_gloo(competition, tmp_path):
     out = tmp_path / "ddp"
     # through the launcher the training kernel uses on Kaggle's T4 x2 (torchrun in a subprocess)
-    cmd = [PYTHON, "-m", "jaguar_kit.cli", "train", "--gpus", "2", "--data", str(competition), "--out", str(out),
-           "--quiet"]
-    for o in [*TINY_OVERRIDES, "train.epochs=1"]:
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", "--gpus", "2", "--data", competition, "--out", out,
+                   overrides=[*TINY_OVERRIDES, "train.epochs=1"], OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(out / "last.pt")
     assert state["status"] == "finished" and state["global_step"] == 4
