@@ -1,0 +1,108 @@
+"""Fit the training batch to the GPU before the first step.
+
+Swin-L at 384 px with a PK batch of 8 x 4 in fp16 needs far more than a 16 GB T4 holds
+unless gradient checkpointing is on (the 4th-place jaguar-re-id solution trained EVA-02-L
+at batch 4 with checkpointing). Rather than fail an hour into a Kaggle session, the engine
+runs one probe step at the configured batch before training: on out-of-memory it switches
+gradient checkpointing on, and only if that is not enough lowers P (identities per batch),
+keeping K. The probe leaves weights, buffers, optimiser state and every RNG as they were.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import JaguarKitError
+
+
+@dataclass
+class MemoryPlan:
+    """What the probe settled on, and what it changed from the configured values."""
+
+    p: int
+    grad_checkpointing: bool
+    peak_bytes: int | None = None
+    changes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        peak = "" if self.peak_bytes is None else f" (probe peak {self.peak_bytes / 2**30:.1f} GiB)"
+        if not self.changes:
+            return f"the configured batch fits the GPU{peak}"
+        return "to fit the GPU's memory: " + "; ".join(self.changes) + peak
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for CUDA's out-of-memory error (also when a library re-raised it as RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def fit_batch(try_step: Callable[[int, bool], int | None], p: int, k: int, grad_checkpointing: bool,
+              min_p: int = 2) -> MemoryPlan:
+    """Find the first setting that runs: (P, configured checkpointing), then checkpointing on, then lower P.
+
+    ``try_step(p, grad_checkpointing)`` runs one step at that batch and returns its peak
+    bytes (or None), raising CUDA's out-of-memory error when it does not fit.
+    """
+    tries = [(p, grad_checkpointing)] + ([] if grad_checkpointing else [(p, True)])
+    tries += [(q, True) for q in range(p - 1, min_p - 1, -1)]
+    for q, ckpt in tries:
+        try:
+            peak = try_step(q, ckpt)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
+            if not is_out_of_memory(e):
+                raise
+            del e
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        changes = []
+        if ckpt != grad_checkpointing:
+            changes.append("model.grad_checkpointing=true")
+        if q != p:
+            changes.append(f"train.p={q} (was {p}: batch {q * k} instead of {p * k})")
+        return MemoryPlan(q, ckpt, peak, changes)
+    raise JaguarKitError(
+        f"one training step does not fit the GPU even at train.p={min_p} with gradient checkpointing; "
+        "lower model.img_size or pick a smaller backbone"
+    )
+
+
+def probe_step(module: nn.Module, optimizer: torch.optim.Optimizer, n_classes: int, batch: int, k: int,
+               image_size: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None) -> int | None:
+    """One forward/backward and optimiser-state allocation on random images; returns peak bytes.
+
+    Everything it touches is put back: parameters (the optimiser step runs at lr 0),
+    BatchNorm statistics, optimiser state, gradients and the RNGs.
+    """
+    from .checkpoint import capture_rng, restore_rng
+
+    rng = capture_rng()
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x = torch.randn(batch, 3, *image_size, device=device)
+        y = (torch.arange(batch, device=device) // max(k, 1)) % max(n_classes, 1)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = module(x, y)
+        loss.backward()
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        optimizer.step()  # allocates AdamW's moments, as the first real step will
+        return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    finally:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+        restore_rng(rng)
