@@ -9,25 +9,37 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import io
 import json
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import JaguarKitError
+
+# Field metadata: "logistics" fields (where and how a run executes, not what it computes) are
+# left out of the config fingerprint, so changing them never blocks resuming a run.
+LOGISTICS = {"logistics": True}
+
+
+def logistics(default: Any) -> Any:
+    """A config field that does not change a run's result (workers, device, budgets, paths)."""
+    return field(default=default, metadata=LOGISTICS)
 
 
 @dataclass
 class DataConfig:
-    alpha_mode: str = "crop"  # crop | blank | ignore: how the RGBA mask is used
+    alpha_mode: Literal["crop", "blank", "ignore"] = "crop"  # how the RGBA mask is used
     crop_margin: float = 0.05  # crop: margin around the mask's box, share of its size
     prepared_size: int = 768  # longest side of images in the prepared cache
-    num_folds: int = 5
-    fold: int = 0
-    split: str = "stratified"  # stratified (closed-set, like the test) | identity (open-set)
-    seed: int = 42
-    workers: int = 2  # processes for `prepare` and data-loader workers
+    num_folds: int = 5  # cross-validation folds
+    fold: int = 0  # the validation fold; -1 trains on every image (the final model)
+    split: Literal["stratified", "identity"] = "stratified"  # stratified: closed-set, like the test; identity: open-set
+    seed: int = 42  # fold assignment
+    workers: int = logistics(2)  # processes for `prepare` and data-loader workers
 
 
 @dataclass
@@ -35,53 +47,54 @@ class ModelConfig:
     backbone: str = "megadescriptor-l-384"  # a catalogue name or any timm name
     weights: str = "auto"  # auto | none | hf-hub:ORG/NAME | a folder | a weights file
     img_size: int = 0  # 0: the backbone's native size
-    pooling: str = "gem"  # gem (signed for transformers, clamped for CNNs) | gem-signed | gem-clamp | native
-    gem_p: float = 3.0
-    embedding_dim: int = 512
-    grad_checkpointing: bool = False
+    pooling: Literal["gem", "gem-signed", "gem-clamp", "native"] = "gem"  # gem: signed for transformers, clamped for CNNs
+    gem_p: float = 3.0  # initial GeM exponent (learnt)
+    embedding_dim: int = 512  # size of the L2-normalised embedding
+    grad_checkpointing: bool = logistics(False)  # recompute activations in backward: less memory, same result
     init_from: str = ""  # a checkpoint whose backbone starts this run (another fold/variant)
 
 
 @dataclass
 class LossConfig:
-    arcface_scale: float = 30.0
-    arcface_margin: float = 0.5
-    arcface_weight: float = 1.0
+    arcface_scale: float = 30.0  # ArcFace logit scale s
+    arcface_margin: float = 0.5  # ArcFace additive angular margin m (radians)
+    arcface_weight: float = 1.0  # weight of the ArcFace term
     triplet_margin: float = 0.3  # 0: soft-margin triplet
-    triplet_weight: float = 1.0
+    triplet_weight: float = 1.0  # weight of the batch-hard triplet term
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # raising it on a finished run extends it from last.pt
     p: int = 8  # identities per batch
     k: int = 4  # images per identity
     steps_per_epoch: int = 0  # 0: one pass over the training images
     lr: float = 5e-5  # top backbone layer; lower layers decay, the head gets x head_lr_mult
-    layer_decay: float = 0.8
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    grad_accum: int = 1
+    layer_decay: float = 0.8  # lr multiplier per backbone layer, going down
+    head_lr_mult: float = 10.0  # head lr = top backbone lr x this
+    weight_decay: float = 0.05  # AdamW, not on norms, biases or GeM p
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0
+    grad_accum: int = 1  # batches per optimiser step
     clip_grad: float = 1.0  # 0: off
     ema_decay: float = 0.0  # 0: off
     patience: int = 5  # early stopping, in epochs
     min_delta: float = 0.001
-    augment: str = "light"  # none | light
+    augment: Literal["none", "light"] = "light"  # training augmentation
     hflip: bool = False  # jaguar flanks differ left to right: off by default
-    time_budget_h: float = 11.5  # stop with a checkpoint before Kaggle's 12 h limit
-    resume: str = "auto"  # auto | never | PATH to a checkpoint
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 42
-    val_every: int = 1
-    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: epoch ends + every 15 min)
-    deterministic: bool = False
+    time_budget_h: float = logistics(11.5)  # stop with a checkpoint before Kaggle's 12 h limit
+    resume: str = logistics("auto")  # auto | never | PATH to a checkpoint
+    device: str = logistics("auto")  # auto | cpu | cuda | cuda:N
+    seed: int = 42  # batches, augmentation, initialisation
+    val_every: int = 1  # validate every N epochs (and after the last)
+    checkpoint_every: int = logistics(0)  # optimizer steps between mid-epoch checkpoints (0: epoch ends + every 15 min)
+    accept_data_change: bool = logistics(False)  # resume although train.csv changed (same identities)
+    deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
 
 
 @dataclass
 class EmbedConfig:
-    chunk_size: int = 100
-    tta: str = "flip4"  # flip4 (none, h, v, hv) | hflip (none, h) | none
+    chunk_size: int = 100  # images per cached .npz chunk (the unit a killed run loses)
+    tta: Literal["flip4", "hflip", "none"] = "flip4"  # flip4: none, h, v, hv; hflip: none, h
     batch_size: int = 32  # images per forward pass, TTA views included
     cache_dir: str = ""  # "": /kaggle/working/cache on Kaggle, RUN/cache elsewhere
 
@@ -89,10 +102,10 @@ class EmbedConfig:
 @dataclass
 class RetrievalConfig:
     query_expansion_k: int = 0  # 0: off
-    query_expansion_alpha: float = 3.0
-    rerank: bool = True
-    k1: int = 20
-    k2: int = 6
+    query_expansion_alpha: float = 3.0  # weight = similarity ** alpha
+    rerank: bool = True  # k-reciprocal re-ranking (Zhong et al. 2017)
+    k1: int = 20  # re-ranking: k-reciprocal neighbourhood size
+    k2: int = 6  # re-ranking: local query expansion size
     lambda_value: float = 0.3  # weight of the original distance in k-reciprocal re-ranking
     rerank_blend: float = 1.0  # 1: re-ranked only, 0: raw cosine only
 
@@ -114,10 +127,17 @@ class Config:
 
         Resume only continues a checkpoint with the same fingerprint.
         """
-        d = self.to_dict()
-        ignored = {"train": {"resume", "time_budget_h", "checkpoint_every", "device"}, "data": {"workers"}}
-        picked = {s: {k: v for k, v in d[s].items() if k not in ignored.get(s, ())} for s in sections}
+        picked = {s: values for s, values in self.result_fields(sections).items()}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def result_fields(self, sections: tuple[str, ...] = ("data", "model", "loss", "train")) -> dict[str, dict[str, Any]]:
+        """The values that decide a run's result: every field but the logistics ones."""
+        out = {}
+        for s in sections:
+            section = getattr(self, s)
+            out[s] = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+                      if not f.metadata.get("logistics")}
+        return out
 
     def save(self, path: str | Path) -> None:
         from .files import atomic_write_text
@@ -129,6 +149,11 @@ def _coerce(value: Any, typ: Any, where: str, source: str = "config") -> Any:
     """Check ``value`` against a field type; strings from the command line are parsed."""
     if isinstance(typ, str):  # postponed annotations
         typ = {"int": int, "float": float, "bool": bool, "str": str}[typ]
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if value in choices:
+            return value
+        raise JaguarKitError(f"{source}: {where}={value!r}: expected one of {', '.join(map(str, choices))}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -201,6 +226,47 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, source=str(path))
 
 
+def diff_configs(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """``(section.key, old, new)`` for every value that differs between two config dicts."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        out += [(f"{section}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source (the config's documentation)."""
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source shipped: the listing still has names and defaults
+        return comments
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line = lines[tok.start[0] - 1].strip()
+            name = line.split(":", 1)[0].strip()
+            if name.isidentifier() and ":" in line and not line.startswith("#"):
+                comments[name] = tok.string.lstrip("# ").strip()
+    return comments
+
+
+def describe_config(cfg: Config | None = None) -> str:
+    """Every key with its value and comment: what ``jaguar-kit config`` prints."""
+    cfg = cfg or Config()
+    rows = []
+    for section_field in dataclasses.fields(cfg):
+        section = getattr(cfg, section_field.name)
+        comments = _field_comments(type(section))
+        rows.append(f"[{section_field.name}]")
+        for f in dataclasses.fields(section):
+            value = json.dumps(getattr(section, f.name))
+            note = comments.get(f.name, "")
+            rows.append(f"  {section_field.name}.{f.name} = {value}" + (f"  # {note}" if note else ""))
+    return "\n".join(rows)
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     """Apply ``section.key=value`` strings (from ``--set``)."""
     for item in overrides or []:
@@ -223,4 +289,6 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "apply_overrides",
+    "diff_configs",
+    "describe_config",
 ]
