@@ -108,6 +108,18 @@ class RetrievalConfig:
     k2: int = 6  # re-ranking: local query expansion size
     lambda_value: float = 0.3  # weight of the original distance in k-reciprocal re-ranking
     rerank_blend: float = 1.0  # 1: re-ranked only, 0: raw cosine only
+    # Local-feature verification (jaguar_kit/local.py) fused by a logistic calibration (jaguar_kit/fusion.py):
+    # p(same) = sigmoid(fusion_bias + fusion_global * g + local_weight * (fusion_inliers * log(1 + inliers)
+    # + fusion_ratio * inlier_ratio)), g the similarity above; `jaguar-kit tune` fits the fusion_* values.
+    local_verify: bool = False  # re-rank each query's top local_k images by local matches (needs the images)
+    local_k: int = 20  # shortlist per query checked with local features
+    local_size: int = 640  # longest side (px) of the animal crop the SIFT features are taken from
+    local_features: int = 1000  # most SIFT keypoints kept per image
+    local_weight: float = 1.0  # multiplies the local terms of the fusion (0: the global order)
+    fusion_bias: float = 0.0  # logistic calibration: intercept
+    fusion_global: float = 0.0  # logistic calibration: weight of the global similarity
+    fusion_inliers: float = 0.0  # logistic calibration: weight of log(1 + RANSAC inliers)
+    fusion_ratio: float = 0.0  # logistic calibration: weight of inliers / ratio-test matches
 
 
 @dataclass
