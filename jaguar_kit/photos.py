@@ -1,0 +1,374 @@
+"""An ecologist's own photos: a folder per individual, a CSV with boxes, or a competition folder.
+
+What :func:`read_photos` accepts:
+
+- a folder with one sub-folder per individual (``photos/Dajun/2023/IMG_0001.JPG``: the first
+  folder level names the individual; deeper folders are allowed). Photos lying directly in
+  the folder have no individual (fine for ``identify`` and ``cluster``, refused by ``index``).
+- a CSV with ``path,identity`` and optional ``x,y,w,h`` (a box in pixels of the photo as it is
+  displayed, EXIF orientation applied) to cut one animal out of a whole camera-trap frame.
+  Paths are relative to the CSV's folder (sub-folders allowed) or absolute; a frame with two
+  animals is two rows. ``identity`` may be empty for unlabelled photos.
+- a competition folder (``train.csv`` with ``filename,ground_truth``): its train images.
+
+JPEG or PNG of any size, with or without an alpha mask. Every problem is reported as one line
+naming the file, the CSV line and what is wrong.
+
+:func:`prepare_photos` then decodes each photo once into a small JPEG keyed by the *content*
+(a digest of the file's bytes, plus the box): a renamed or moved photo is not prepared or
+embedded again, and a changed one is. The cache folder follows the prepared-image cache's
+conventions (:func:`jaguar_kit.data.prepare.prepared_dir`: one folder per setting), in a
+``by-content`` sub-folder, written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import JaguarKitError
+from .files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("path", "filename", "file", "image")
+IDENTITY_COLUMNS = ("identity", "ground_truth", "individual", "id", "name")
+BOX_COLUMNS = ("x", "y", "w", "h")
+CONTENT_DIR = "by-content"
+THUMB_SIZE = 160
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One photo (or one boxed animal in a photo) to index, identify or cluster.
+
+    ``name`` is how people see it (the path relative to the folder or CSV given);
+    ``origin`` is where it was listed (``photos.csv line 4``) for error messages.
+    """
+
+    path: Path
+    identity: str | None = None
+    box: tuple[int, int, int, int] | None = None  # x, y, w, h in pixels
+    name: str = ""
+    origin: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.path.name)
+        if not self.origin:
+            object.__setattr__(self, "origin", str(self.path))
+
+    @property
+    def label(self) -> str:
+        """The name, with the box when there is one (one frame may hold several animals)."""
+        return self.name if self.box is None else f"{self.name} [{','.join(map(str, self.box))}]"
+
+
+def _is_image(p: Path) -> bool:
+    from .data.images import IMAGE_EXTENSIONS
+
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise JaguarKitError(problems[0] + more)
+
+
+def read_photos(source: str | Path, folder_labels: bool = True, need_identity: bool = False) -> list[Photo]:
+    """The photos a folder, a CSV or a competition folder lists (see the module docstring).
+
+    ``folder_labels``: a folder's first level names the individual (else every photo in it is
+    unlabelled, whatever its sub-folder, e.g. camera stations). ``need_identity``: every photo
+    must have an individual (for building a catalogue).
+    """
+    source = Path(source)
+    if source.is_file():
+        photos = _read_csv(source)
+    elif source.is_dir():
+        if (source / "train.csv").is_file():  # a competition folder: its train images
+            photos = _read_competition(source)
+        else:
+            photos = _read_folder(source, folder_labels)
+    else:
+        raise JaguarKitError(f"{source}: not found (expected a folder of photos or a CSV with path,identity)")
+    if need_identity:
+        bad = [p for p in photos if p.identity is None]
+        if bad:
+            where = "an empty identity" if source.is_file() else "no individual (it lies directly in the folder)"
+            raise JaguarKitError(
+                f"{bad[0].origin}: {where}; a catalogue needs every photo's individual: put photos in a "
+                f"sub-folder named after the individual, or fill the identity column"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            )
+    return photos
+
+
+def _read_folder(root: Path, folder_labels: bool) -> list[Photo]:
+    photos: list[Photo] = []
+    skipped = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden: caches, .git
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if f.startswith("."):
+                continue
+            if not _is_image(p):
+                skipped += 1
+                continue
+            rel = p.relative_to(root)
+            identity = rel.parts[0] if folder_labels and len(rel.parts) > 1 else None
+            photos.append(Photo(p, identity, None, rel.as_posix(), str(p)))
+    if not photos:
+        raise JaguarKitError(f"{root}: no JPEG or PNG photos found (in it or its sub-folders)")
+    if skipped:
+        log.info("%s: %d files that are not JPEG or PNG were ignored", root, skipped)
+    return photos
+
+
+def _read_competition(root: Path) -> list[Photo]:
+    from .data.competition import load_competition
+
+    comp = load_competition(root, check_images=False)
+    return [
+        Photo(Path(p), str(i), None, str(f), f"{root / 'train.csv'} ({f})")
+        for f, i, p in zip(comp.train["filename"], comp.train["identity"], comp.train["path"])
+    ]
+
+
+def _pick(header: list[str], names: Sequence[str]) -> str | None:
+    lower = {h.lower(): h for h in header}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _read_csv(path: Path) -> list[Photo]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaguarKitError(f"{path}: cannot read as a UTF-8 CSV ({e})") from e
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    photos: list[Photo] = []
+    problems: list[str] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                path_col = _pick(header, PATH_COLUMNS)
+                id_col = _pick(header, IDENTITY_COLUMNS)
+                box_cols = [_pick(header, (c,)) for c in BOX_COLUMNS]
+                if path_col is None:
+                    hint = " - wrong delimiter? expected ','" if len(header) == 1 and (";" in row[0] or "\t" in row[0]) else ""
+                    raise JaguarKitError(
+                        f"{path}: line {line}: no path column (expected path,identity[,x,y,w,h]); "
+                        f"columns found: {', '.join(map(repr, header))}{hint}"
+                    )
+                if any(box_cols) and not all(box_cols):
+                    missing = [c for c, b in zip(BOX_COLUMNS, box_cols) if b is None]
+                    raise JaguarKitError(f"{path}: line {line}: box columns need all of x,y,w,h; missing {','.join(missing)}")
+                col = {h: i for i, h in enumerate(header)}
+                continue
+            where = f"{path} line {line}"
+            if len(row) != len(header):
+                problems.append(f"{where}: {len(row)} fields, but the header has {len(header)}")
+                continue
+            cell = lambda name: row[col[name]].strip() if name else ""  # noqa: E731
+            rel = cell(path_col)
+            if not rel:
+                problems.append(f"{where}: empty path")
+                continue
+            file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+            if not file.is_file():
+                problems.append(f"{where}: {rel}: file not found (paths are relative to the CSV's folder {path.parent})")
+                continue
+            if not _is_image(file):
+                problems.append(f"{where}: {rel}: not a .jpg, .jpeg or .png file")
+                continue
+            box = None
+            if all(box_cols):
+                values = [cell(c) for c in box_cols]
+                if any(values):
+                    try:
+                        nums = [float(v) for v in values]
+                        if not all(np.isfinite(nums)):
+                            raise ValueError
+                    except ValueError:
+                        problems.append(f"{where}: box x,y,w,h = {','.join(values)}: expected four numbers (pixels)")
+                        continue
+                    x, y, w, h = (int(round(v)) for v in nums)
+                    if w <= 0 or h <= 0 or x < 0 or y < 0:
+                        problems.append(f"{where}: box x,y,w,h = {','.join(values)}: needs x,y >= 0 and w,h > 0")
+                        continue
+                    box = (x, y, w, h)
+            identity = cell(id_col) or None
+            photos.append(Photo(file, identity, box, rel, where))
+    except csv.Error as e:
+        raise JaguarKitError(f"{path}: line {reader.line_num}: cannot parse CSV ({e})") from e
+    if header is None:
+        raise JaguarKitError(f"{path}: empty CSV (expected a header path,identity[,x,y,w,h])")
+    _raise_problems(problems)
+    if not photos:
+        raise JaguarKitError(f"{path}: no data rows")
+    return photos
+
+
+# --- content keys and the prepared cache ---------------------------------------------------
+
+
+def file_digest(path: str | Path) -> str:
+    """A digest of the file's bytes (what a photo *is*, wherever it lies and whatever its name)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise JaguarKitError(f"{path}: cannot read ({e.strerror or e})") from e
+    return h.hexdigest()[:32]
+
+
+def photo_key(photo: Photo, digest: str | None = None) -> str:
+    """The content key of a photo: its bytes' digest, plus the box if any."""
+    digest = digest or file_digest(photo.path)
+    return digest if photo.box is None else f"{digest}-{'-'.join(map(str, photo.box))}"
+
+
+def cut_box(rgb: np.ndarray, mask: np.ndarray | None, box, where: str):
+    """Crop image and mask to ``box`` (x, y, w, h), clipped to the image; an empty box is an error."""
+    if box is None:
+        return rgb, mask
+    x, y, w, h = box
+    H, W = rgb.shape[:2]
+    x0, y0, x1, y1 = min(x, W), min(y, H), min(x + w, W), min(y + h, H)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise JaguarKitError(f"{where}: box x,y,w,h = {x},{y},{w},{h} lies outside the {W}x{H} photo")
+    return rgb[y0:y1, x0:x1], None if mask is None else mask[y0:y1, x0:x1]
+
+
+def prepare_one_photo(src: Path, box, dst: Path, alpha_mode: str, margin: float, size: int, where: str) -> None:
+    """Decode, cut the box, use the mask, shrink and store one photo as JPEG (atomically)."""
+    from .data.images import apply_alpha_mode, decode_image
+    from .data.prepare import JPEG_QUALITY, resize_longest
+
+    rgb, mask = decode_image(src)
+    rgb, mask = cut_box(rgb, mask, box, where)
+    out = resize_longest(apply_alpha_mode(np.ascontiguousarray(rgb), mask, alpha_mode, margin), size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise JaguarKitError(f"{where}: OpenCV could not encode the prepared image")
+    atomic_write_bytes(dst, buf.tobytes())
+
+
+def _work(task) -> str | None:
+    src, box, dst, mode, margin, size, where = task
+    try:
+        prepare_one_photo(Path(src), box, Path(dst), mode, margin, size, where)
+        return None
+    except JaguarKitError as e:
+        msg = str(e)
+        return msg if msg.startswith(where) or where in msg else f"{where}: {msg}"
+    except Exception as e:  # noqa: BLE001 - reported per photo, with where it was listed
+        return f"{where}: {src}: {type(e).__name__}: {e}"
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def prepare_photos(
+    photos: Sequence[Photo],
+    cache_root: str | Path,
+    alpha_mode: str = "crop",
+    margin: float = 0.05,
+    size: int = 768,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[str], list[Path]]:
+    """Content keys and prepared JPEGs of ``photos`` (decoded once; a rerun skips finished ones).
+
+    Problems (unreadable photos, boxes outside the photo) are all collected and raised as one
+    line naming the first; the photos prepared meanwhile stay in the cache.
+    """
+    from .data.prepare import prepared_dir
+
+    out_dir = prepared_dir(cache_root, alpha_mode, margin, size) / CONTENT_DIR
+    digests: dict[Path, str] = {}
+    keys, files, todo, seen = [], [], [], set()
+    for p in tqdm(photos, desc="content keys", unit="photo", disable=not progress or len(photos) < 200, leave=False):
+        if p.path not in digests:
+            digests[p.path] = file_digest(p.path)
+        key = photo_key(p, digests[p.path])
+        dst = out_dir / key[:2] / f"{key}.jpg"
+        keys.append(key)
+        files.append(dst)
+        if key not in seen and not dst.is_file():
+            todo.append((str(p.path), p.box, str(dst), alpha_mode, float(margin), int(size), p.origin))
+        seen.add(key)
+    problems: list[str] = []
+    bar = tqdm(total=len(todo), desc="prepare photos", unit="photo", disable=not progress or not todo)
+    if workers <= 1 or len(todo) <= 4:
+        results = map(_work, todo)
+        for err in results:
+            if err:
+                problems.append(err)
+            bar.update()
+    else:  # spawn, not fork: torch threads in the parent can deadlock a forked child
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+            for err in pool.imap(_work, todo, chunksize=4):
+                if err:
+                    problems.append(err)
+                bar.update()
+    bar.close()
+    _raise_problems(problems)
+    return keys, files
+
+
+def thumbnail_bytes(prepared: str | Path, size: int = THUMB_SIZE, quality: int = 80) -> bytes:
+    """A small JPEG of a prepared photo (for catalogues and report pages)."""
+    from .data.prepare import load_prepared, resize_longest
+
+    rgb = resize_longest(load_prepared(prepared), size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise JaguarKitError(f"{prepared}: could not make a thumbnail")
+    return buf.tobytes()
+
+
+def duplicate_files(photos: Sequence[Photo], keys: Sequence[str]) -> list[tuple[str, list[str], list[str]]]:
+    """Same content listed under different individuals: ``(key, identities, names)`` per case."""
+    by_key: dict[str, list[Photo]] = {}
+    for p, k in zip(photos, keys):
+        by_key.setdefault(k, []).append(p)
+    out = []
+    for k, group in by_key.items():
+        ids = sorted({p.identity for p in group if p.identity is not None})
+        if len(ids) > 1:
+            out.append((k, ids, [p.name for p in group]))
+    return out
+
+
+__all__ = [
+    "Photo",
+    "read_photos",
+    "file_digest",
+    "photo_key",
+    "prepare_photos",
+    "thumbnail_bytes",
+    "duplicate_files",
+    "cut_box",
+]
