@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,70 +66,87 @@ def test_env_vars_override_every_root(off_kaggle, monkeypatch, tmp_path):
     assert env.default_cache_dir() == tmp_path / "out" / "cache"
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        "datasets/alice/jaguar-kit-wheel",  # current Kaggle layout
-        "jaguar-kit-wheel",  # legacy layout
-        "datasets/alice/jaguar-kit-wheel/dist",  # dataset uploaded with a sub-folder
-        ".",  # the wheel right in the root (a local folder)
-    ],
-)
-def test_find_wheel_in_each_layout(tmp_path, layout):
-    root = tmp_path / "input"
-    (root / "competitions" / "jaguar-re-id" / "train").mkdir(parents=True)
-    _wheel(root / "datasets" / "bob" / "other").rename(root / "datasets" / "bob" / "other" / "timm-1.0-py3-none-any.whl")
-    wheel = _wheel(root / layout)
-    assert env.find_wheel(root) == wheel
+def test_input_variable_is_read_one_way(off_kaggle, monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("JAGUAR_KIT_INPUT", os.pathsep.join(["~/in", "", str(tmp_path / "b"), " "]))
+    assert env.input_roots() == [home / "in", tmp_path / "b"]
+    assert env.input_root() == home / "in"
+    monkeypatch.setenv("JAGUAR_KIT_INPUT", "")
+    assert env.input_roots() == [Path("/kaggle/input")]
 
 
-def test_find_wheel_uses_input_root_by_default(tmp_path, monkeypatch):
-    wheel = _wheel(tmp_path / "datasets" / "alice" / "jaguar-kit-wheel")
-    monkeypatch.setenv("JAGUAR_KIT_INPUT", str(tmp_path))
-    assert env.find_wheel() == wheel
+def test_prepared_images_stay_out_of_the_kaggle_output(off_kaggle, monkeypatch, tmp_path):
+    assert env.prepared_dir() == off_kaggle / "work" / "prepared"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.setenv("JAGUAR_KIT_WORKING", str(tmp_path / "working"))
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))  # the session's local disk
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    prepared = env.prepared_dir()
+    assert prepared == tmp_path / "scratch" / "jaguar_kit" / "prepared"
+    assert env.working_root() not in prepared.parents
+    monkeypatch.setenv("JAGUAR_KIT_PREPARED", "~/prep")
+    assert env.prepared_dir() == Path("~/prep").expanduser()
 
 
-def test_find_wheel_picks_highest_version_then_newest_file(tmp_path):
-    now = time.time()
-    _wheel(tmp_path / "a", "0.9.0", now)
-    ten = _wheel(tmp_path / "b", "0.10.0", now - 1000)  # higher version, older file
-    assert env.find_wheel(tmp_path) == ten  # 0.10 > 0.9, not string order
-    newer = _wheel(tmp_path / "c", "0.10.0", now)
-    assert env.find_wheel(tmp_path) == newer
+def test_internet_check_is_offline_safe(monkeypatch):
+    import socket
+
+    calls = []
+
+    def unreachable(address, timeout=None):
+        calls.append((address, timeout))
+        raise socket.gaierror("Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example:8443")
+    assert env.internet_on() is False
+    assert calls == [(("hf-mirror.example", 443), 1.5)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub library's own switch: not even tried
+    assert env.internet_on() is False and len(calls) == 1
 
 
-def test_find_wheel_follows_linked_legacy_layout_once(tmp_path):
-    wheel = _wheel(tmp_path / "datasets" / "alice" / "jaguar-kit-wheel")
-    (tmp_path / "jaguar-kit-wheel").symlink_to(wheel.parent, target_is_directory=True)
-    found = env.find_wheel(tmp_path)
-    assert found.resolve() == wheel.resolve()
-    # a link loop does not hang the bounded walk
-    (wheel.parent / "loop").symlink_to(tmp_path, target_is_directory=True)
-    assert env.find_wheel(tmp_path).resolve() == wheel.resolve()
+def _tree(root: Path, rels: list[str]) -> None:
+    for rel in rels:
+        (root / rel).mkdir(parents=True, exist_ok=True)
 
 
-def test_find_wheel_depth_is_bounded(tmp_path):
-    _wheel(tmp_path / "a" / "b" / "c" / "d" / "e" / "f")  # 6 levels down
-    with pytest.raises(JaguarKitError, match=r"no jaguar_kit-\*\.whl within 5 folder levels"):
-        env.find_wheel(tmp_path)
-    assert env.find_wheel(tmp_path, max_depth=6).parent.name == "f"
+def test_walker_is_bounded_breadth_first_and_skips_hidden(tmp_path):
+    _tree(tmp_path, ["a/b/c/d/e/f/g/h", "z", ".git/objects", "a/.cache/x"])
+    (tmp_path / "a" / "f.txt").write_text("x")
+    (tmp_path / ".hidden.txt").write_text("x")
+    seen = [(f.path.relative_to(tmp_path).as_posix(), f.depth) for f in env.walk_inputs([tmp_path])]
+    assert seen[:3] == [(".", 0), ("a", 1), ("z", 1)]  # shallowest first, sorted
+    assert ("a/b/c/d/e/f/g", 7) in seen and not any(p.endswith("/h") for p, _ in seen)  # depth 7 listed, 8 not
+    assert not any(".git" in p or ".cache" in p for p, _ in seen)
+    root = next(env.walk_inputs([tmp_path]))
+    assert root.files == [] and "a" in root.dirs  # hidden files are skipped too
+    assert [f.depth for f in env.walk_inputs([tmp_path], max_depth=1)] == [0, 1, 1]
 
 
-def test_find_wheel_errors_name_the_folder_and_the_fix(tmp_path):
-    with pytest.raises(JaguarKitError, match="input folder not found.*JAGUAR_KIT_INPUT") as e:
-        env.find_wheel(tmp_path / "missing")
-    assert str(tmp_path / "missing") in str(e.value)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(JaguarKitError, match="attach the jaguar-kit-wheel dataset") as e:
-        env.find_wheel(tmp_path / "empty")
-    assert "\n" not in str(e.value)
+def test_walker_follows_links_once_and_survives_loops(tmp_path):
+    real = tmp_path / "datasets" / "alice" / "jaguar-kit-wheel"
+    real.mkdir(parents=True)
+    (real / "jaguar_kit-0.1.0-py3-none-any.whl").write_bytes(b"PK")
+    (tmp_path / "jaguar-kit-wheel").symlink_to(real, target_is_directory=True)  # legacy mount as a link
+    (real / "loop").symlink_to(tmp_path, target_is_directory=True)
+    found = env.find_files(lambda n: n.endswith(".whl"), [tmp_path])
+    assert len(found) == 1 and found[0].resolve() == (real / "jaguar_kit-0.1.0-py3-none-any.whl").resolve()
+    assert found[0] == tmp_path / "jaguar-kit-wheel" / "jaguar_kit-0.1.0-py3-none-any.whl"  # the shallower path
+    paths = [os.path.realpath(f.path) for f in env.walk_inputs([tmp_path, tmp_path / "jaguar-kit-wheel"])]
+    assert len(paths) == len(set(paths))  # each real folder once, whatever the roots and links
 
 
-def test_install_command_is_offline_and_keeps_the_image_packages(tmp_path):
-    wheel = tmp_path / "jaguar_kit-0.1.0-py3-none-any.whl"
-    cmd = env.install_command(wheel)
-    assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
-    assert "--no-index" in cmd and "--no-deps" in cmd
-    assert cmd[-1] == str(wheel)
-    assert env.install_command(wheel, python="/x/python")[0] == "/x/python"
-    # the real install into a bare interpreter is exercised in test_wheel.py
+def test_find_folders_stops_at_a_match_and_uses_the_input_roots(tmp_path, monkeypatch):
+    _tree(tmp_path / "a", ["competitions/jaguar-re-id/train/train", "datasets/bob/copy/jaguar-re-id"])
+    _tree(tmp_path / "b", ["jaguar-re-id"])
+    monkeypatch.setenv("JAGUAR_KIT_INPUT", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    found = env.find_folders(lambda f: f.path.name == "jaguar-re-id" or f.path.name == "train")
+    rel = sorted(str(p.relative_to(tmp_path)) for p in found)
+    assert rel == ["a/competitions/jaguar-re-id", "a/datasets/bob/copy/jaguar-re-id", "b/jaguar-re-id"]
+    # unreadable or missing roots are skipped, not fatal
+    assert env.find_folders(lambda f: True, [tmp_path / "missing"]) == []

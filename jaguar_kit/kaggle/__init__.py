@@ -1,11 +1,21 @@
 """Kaggle delivery: environment discovery, kernel/dataset metadata, and kernel pushes.
 
-``env`` and ``metadata`` use the standard library only (a kernel imports them before
-anything else is installed); ``push`` needs jupytext and the kaggle CLI, so it is not
-imported here.
+``env`` and ``metadata`` use the standard library only (a kernel imports them right after
+installing the wheel); ``push`` needs jupytext and the kaggle CLI, so it is not imported here.
 """
 
-from .env import default_cache_dir, find_wheel, input_root, install_command, is_kaggle, working_root
+from .env import (
+    default_cache_dir,
+    find_files,
+    find_folders,
+    input_root,
+    input_roots,
+    internet_on,
+    is_kaggle,
+    prepared_dir,
+    walk_inputs,
+    working_root,
+)
 from .metadata import (
     check_dataset_metadata,
     check_kernel_metadata,
@@ -17,11 +27,15 @@ from .metadata import (
 
 __all__ = [
     "is_kaggle",
+    "input_roots",
     "input_root",
     "working_root",
     "default_cache_dir",
-    "find_wheel",
-    "install_command",
+    "prepared_dir",
+    "internet_on",
+    "walk_inputs",
+    "find_folders",
+    "find_files",
     "kernel_metadata",
     "dataset_metadata",
     "validate_kernel_metadata",

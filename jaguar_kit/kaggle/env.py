@@ -1,29 +1,41 @@
-"""Where a run reads and writes: Kaggle's folders on Kaggle, overridable folders elsewhere.
+"""Where a run reads and writes, and the one place that searches the inputs.
 
-Every path comes from here, and every one can be redirected with an environment variable,
-so the same kernel runs unchanged on Kaggle, on a workstation and in the tests:
+The same kernel runs unchanged on Kaggle, on a workstation and in the tests because every
+path comes from here:
 
-- ``JAGUAR_KIT_INPUT``: the read-only input root (Kaggle: ``/kaggle/input``)
-- ``JAGUAR_KIT_WORKING``: the writable output root (Kaggle: ``/kaggle/working``; else ``./work``)
+- :func:`input_roots`: the read-only inputs, ``/kaggle/input`` or ``$JAGUAR_KIT_INPUT``
+  (``~`` expanded; several folders separated by ``os.pathsep``). The only reader of it.
+- :func:`working_root`: the kernel's output, ``/kaggle/working`` or ``$JAGUAR_KIT_WORKING``
+  (``./work`` off Kaggle).
+- :func:`prepared_dir`: the prepared-image cache, a scratch folder outside the output.
+- :func:`walk_inputs`: the one bounded walk over the inputs. Kaggle mounts the same kind of
+  input at several depths (``competitions/<slug>/``, ``datasets/<owner>/<slug>/``,
+  ``notebooks/<user>/<slug>/``, ``models/<owner>/<model>/<framework>/<variation>/<version>/``
+  and the legacy ``<slug>/``), so things are found by searching, never by a fixed path.
 
-Standard library only: a kernel imports this before anything else is installed.
+Standard library only: a kernel imports this right after installing the wheel.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import sys
+import socket
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from ..errors import JaguarKitError
+from typing import Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
-WHEEL_GLOB = "jaguar_kit-*.whl"
-# /kaggle/input/datasets/<owner>/<slug>/x.whl is 3 folders down; allow two more for a
-# dataset uploaded with sub-folders or a version folder, but never walk a whole image set.
-WHEEL_SEARCH_DEPTH = 5
+# Disk outside /kaggle/working: the session's disk is far larger than the ~20 GB output, and
+# nothing written there is kept as the version's output (users create /kaggle/temp for this).
+KAGGLE_SCRATCH = Path("/kaggle/temp")
+# The deepest mount: /kaggle/input/models/<owner>/<model>/<framework>/<variation>/<version>/
+# is 6 folders down; one more for a copy kept in a sub-folder. Never a whole image tree.
+INPUT_DEPTH = 7
+HUB_HOST = "huggingface.co"
 
 
 def is_kaggle() -> bool:
@@ -31,90 +43,176 @@ def is_kaggle() -> bool:
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_WORKING.is_dir()
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def input_roots() -> list[Path]:
+    """The read-only input folders: ``$JAGUAR_KIT_INPUT`` (``os.pathsep``-separated, ``~``
+    expanded, empty entries ignored) or ``/kaggle/input``."""
+    raw = os.environ.get("JAGUAR_KIT_INPUT", "")
+    roots = [Path(p.strip()).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    return roots or [KAGGLE_INPUT]
+
+
 def input_root() -> Path:
-    """The read-only input root: ``$JAGUAR_KIT_INPUT`` or ``/kaggle/input``."""
-    env = os.environ.get("JAGUAR_KIT_INPUT")
-    return Path(env).expanduser() if env else KAGGLE_INPUT
+    """The first input folder (for callers that take one; prefer :func:`input_roots`)."""
+    return input_roots()[0]
 
 
 def working_root() -> Path:
     """The writable root a run writes under (kept as the kernel's output on Kaggle)."""
-    env = os.environ.get("JAGUAR_KIT_WORKING")
+    env = _env_path("JAGUAR_KIT_WORKING")
     if env:
-        return Path(env).expanduser()
+        return env
     return KAGGLE_WORKING if is_kaggle() else Path.cwd() / "work"
 
 
 def default_cache_dir() -> Path:
-    """Where prepared images and embedding chunks are cached by default."""
+    """Where embedding chunks are cached: inside the output, so the next version reuses them."""
     return working_root() / "cache"
 
 
-def _version_key(wheel: Path) -> tuple:
-    """Sort key for ``jaguar_kit-VERSION-...whl``: the version, then the file's age."""
-    version = wheel.name.split("-")[1] if wheel.name.count("-") >= 2 else "0"
-    try:  # packaging ships with pip and with Kaggle's image, but is not our dependency
-        from packaging.version import InvalidVersion, Version
+def prepared_dir() -> Path:
+    """Where the prepared-image cache lives (decoded, resized images; rebuilt in minutes).
 
+    ``$JAGUAR_KIT_PREPARED`` if set. On Kaggle a scratch folder outside ``/kaggle/working``
+    (``/kaggle/temp/jaguar_kit/prepared``, else the system temp folder): in the working
+    folder it would be saved into every version's output. Elsewhere ``working_root()/prepared``.
+    Training and embedding share it, so images are prepared once per session.
+    """
+    env = _env_path("JAGUAR_KIT_PREPARED")
+    if env:
+        return env
+    if not is_kaggle():
+        return working_root() / "prepared"
+    if KAGGLE_WORKING.is_dir():  # the real Kaggle container: /kaggle is ours to write
         try:
-            vkey: tuple = (1, Version(version))
-        except InvalidVersion:
-            vkey = (0, version)
-    except ImportError:
-        vkey = (1, tuple(int(p) for p in re.findall(r"\d+", version)))
-    return (vkey, wheel.stat().st_mtime)
+            (KAGGLE_SCRATCH / "jaguar_kit").mkdir(parents=True, exist_ok=True)
+            return KAGGLE_SCRATCH / "jaguar_kit" / "prepared"
+        except OSError:
+            pass
+    return Path(tempfile.gettempdir()) / "jaguar_kit" / "prepared"
 
 
-def find_wheel(search_root: str | Path | None = None, max_depth: int = WHEEL_SEARCH_DEPTH) -> Path:
-    """The newest ``jaguar_kit-*.whl`` under the input root, in whatever layout Kaggle mounts.
+def internet_on(timeout: float = 1.5) -> bool:
+    """Whether the Hugging Face hub is reachable, decided in at most ``timeout`` seconds.
 
-    Kaggle mounts a dataset at ``/kaggle/input/datasets/<owner>/<slug>/`` or the legacy
-    ``/kaggle/input/<slug>/`` (sometimes as links): search instead of hard-coding. The
-    walk is bounded to ``max_depth`` folders so a large attached image set costs nothing.
+    Kaggle exposes no variable for its "Internet" switch; with it off, name resolution fails
+    at once, so one TCP connect to the hub (``$HF_ENDPOINT`` if set) answers cheaply and
+    offline-safe. ``HF_HUB_OFFLINE=1`` (the hub library's own switch) means off without trying.
     """
-    root = Path(search_root).expanduser() if search_root is not None else input_root()
-    if not root.is_dir():
-        raise JaguarKitError(
-            f"{root}: input folder not found; attach the jaguar-kit-wheel dataset "
-            "or set JAGUAR_KIT_INPUT to the folder holding the wheel"
-        )
-    found: dict[Path, Path] = {}  # resolved -> as found (links may show one file twice)
-    base_depth = len(root.parts)
-    # followlinks: the legacy layout may link to the new one; the depth bound stops loops.
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        if len(here.parts) - base_depth >= max_depth:
-            dirnames[:] = []
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for wheel in here.glob(WHEEL_GLOB):
-            if wheel.is_file():
-                found.setdefault(wheel.resolve(), wheel)
-    if not found:
-        raise JaguarKitError(
-            f"{root}: no {WHEEL_GLOB} within {max_depth} folder levels; attach the "
-            "jaguar-kit-wheel dataset (made by build_dataset.py) to this kernel"
-        )
-    return max(found.values(), key=_version_key)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "")).hostname or HUB_HOST
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
-def install_command(wheel: str | Path, python: str | Path | None = None) -> list[str]:
-    """The offline pip command that installs our wheel, leaving the image's packages alone.
+# ----------------------------------------------------------------------------- the walker
 
-    ``--no-deps``: torch, timm, numpy, pandas, cv2 and tqdm are already in Kaggle's image and
-    must not be replaced. ``--force-reinstall`` so a re-uploaded wheel of the same version
-    replaces an older install.
+
+@dataclass
+class InputFolder:
+    """One folder met by :func:`walk_inputs`. Empty ``dirs`` (or filter it) to prune below."""
+
+    path: Path
+    depth: int  # 0 for a root
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+def walk_inputs(roots: Iterable[str | Path] | None = None, max_depth: int = INPUT_DEPTH) -> Iterator[InputFolder]:
+    """Every folder under the input roots, shallowest first, by one policy.
+
+    - at most ``max_depth`` folders below a root (a root is depth 0);
+    - links to folders are followed (Kaggle's legacy ``/kaggle/input/<slug>`` may link to
+      the new layout), and each real folder is visited once, so a link loop or an input
+      mounted at two paths costs one visit and nothing is reported twice;
+    - hidden entries (``.name``: folders and files) are skipped;
+    - unreadable folders are skipped silently (an input is searched, not validated);
+    - a caller may prune below a folder by emptying its ``dirs`` before the next step.
     """
-    return [
-        str(python or sys.executable), "-m", "pip", "install",
-        "--no-index", "--no-deps", "--force-reinstall", "--quiet", str(wheel),
-    ]
+    seen: set[str] = set()
+    queue: deque[tuple[Path, int]] = deque(
+        (Path(r).expanduser(), 0) for r in (input_roots() if roots is None else roots)
+    )
+    while queue:
+        folder, depth = queue.popleft()
+        try:
+            real = os.path.realpath(folder)
+            if real in seen or not folder.is_dir():
+                continue
+            seen.add(real)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        here = InputFolder(folder, depth)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    here.dirs.append(e.name)
+                elif e.is_file(follow_symlinks=True):
+                    here.files.append(e.name)
+            except OSError:
+                continue
+        yield here
+        if depth < max_depth:
+            queue.extend((folder / d, depth + 1) for d in here.dirs)
+
+
+def find_folders(
+    match: Callable[[InputFolder], bool],
+    roots: Iterable[str | Path] | None = None,
+    max_depth: int = INPUT_DEPTH,
+    descend: bool = False,
+) -> list[Path]:
+    """Folders under the inputs for which ``match`` is true, shallowest first.
+
+    ``descend=False`` does not search inside a match (a competition folder's image tree, a
+    hub copy's sub-folders).
+    """
+    found = []
+    for f in walk_inputs(roots, max_depth):
+        if match(f):
+            found.append(f.path)
+            if not descend:
+                f.dirs.clear()
+    return found
+
+
+def find_files(
+    match: Callable[[str], bool], roots: Iterable[str | Path] | None = None, max_depth: int = INPUT_DEPTH
+) -> list[Path]:
+    """Files under the inputs whose name satisfies ``match``, shallowest first, each real file once."""
+    found: dict[str, Path] = {}
+    for f in walk_inputs(roots, max_depth):
+        for name in f.files:
+            if match(name):
+                found.setdefault(os.path.realpath(f.path / name), f.path / name)
+    return list(found.values())
 
 
 __all__ = [
+    "KAGGLE_INPUT",
+    "KAGGLE_WORKING",
+    "INPUT_DEPTH",
+    "InputFolder",
     "is_kaggle",
+    "input_roots",
     "input_root",
     "working_root",
     "default_cache_dir",
-    "find_wheel",
-    "install_command",
+    "prepared_dir",
+    "internet_on",
+    "walk_inputs",
+    "find_folders",
+    "find_files",
 ]

