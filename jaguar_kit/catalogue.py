@@ -278,9 +278,10 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
         xs.append(s[ok])
         ys.append(y[ok])
         ws.append(np.full(ok.sum(), weight))
-    a, b = fit_logistic(np.concatenate(xs), np.concatenate(ys), np.concatenate(ws))
-    if a <= 0:  # scores carry no signal (e.g. an untrained model): probabilities stay flat
-        log.warning("calibration: scores do not separate right from wrong candidates (slope %.3g)", a)
+    x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+    a, b = fit_logistic(x, y, w)
+    if a <= 0:  # scores carry no signal here (a model that cannot tell these animals apart): flat probabilities
+        a, b = 0.0, float(np.log(max((w * y).sum(), 1e-9) / max((w * (1 - y)).sum(), 1e-9)))
     top_known_score = np.maximum(h.own, h.new_top)[known]
     right = (h.own >= h.new_top)[known]
     estimated = {
@@ -501,6 +502,9 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
         codes, uniques = cat.codes()
         hold = hold_out_scores(emb, codes, len(uniques))
         cat.calibration = calibrate(emb, cat.identities, target_false_merge, hold)
+        if cat.calibration.a <= 0:
+            warnings.append("this model's scores do not separate the right individual from the others on this "
+                            "catalogue: probabilities are flat and decisions unreliable; use a fine-tuned model")
         for a, b, hits, n in duplicate_identity_pairs(cat.identities, hold, cat.calibration.threshold):
             warnings.append(f"{a} and {b} may be the same animal: with {a} left out, {hits} of its {n} photos "
                             f"match {b} above the threshold; compare them and merge the names if so")
@@ -542,19 +546,20 @@ class Identification:
         return Path(path)
 
 
-def what_to_check(decision: str, ids, probs, p_threshold: float | None, same_file: str | None) -> str:
+def what_to_check(decision: str, ids, scores, probs, cal: Calibration | None, same_file: str | None) -> str:
     """A short instruction for the person reviewing one photo."""
     if same_file:
-        return f"Same file as catalogue photo {same_file}: nothing to check."
-    if p_threshold is None:
-        return f"Uncalibrated catalogue: compare with {ids[0]} by eye."
+        return f"Same file as catalogue photo {same_file} ({ids[0] if decision != 'new' else 'listed there'})."
+    if cal is None:
+        return f"Uncalibrated catalogue (too few individuals): compare with {ids[0]} by eye."
     if decision == "new":
-        return (f"Likely a new individual: no candidate reaches p={p_threshold:.2f}. Compare the coat pattern with "
-                f"{ids[0]} (p={probs[0]:.2f}); if it is not, give it a new name and add it to the catalogue.")
-    if len(ids) > 1 and probs[1] >= p_threshold:
+        return (f"Likely a new individual: no candidate reaches p={cal.probability_threshold:.2f}. Compare the coat "
+                f"pattern with {ids[0]} (p={probs[0]:.2f}); if it is not, give it a new name and add it to the catalogue.")
+    if len(ids) > 1 and scores[1] >= cal.threshold:
         return (f"{ids[1]} also passes the threshold (p={probs[1]:.2f}): compare both on the same flank; "
                 f"if they are one animal, merge their names.")
-    if probs[0] < min(0.999, p_threshold + 0.15):
+    # within a tenth of the way from the threshold to a perfect score: worth a closer look
+    if scores[0] < cal.threshold + 0.1 * (1 - cal.threshold):
         return f"Close to the threshold: confirm against {ids[0]}'s photos on the same flank."
     return f"Strong match with {ids[0]}: a glance at the same flank is enough."
 
@@ -611,8 +616,7 @@ def _identification(cat: Catalogue, photos, keys, files, emb, top_k) -> Identifi
     rows = []
     for i, p in enumerate(photos):
         same = cat.names[by_key[keys[i]]] if keys[i] in by_key else None
-        check = what_to_check(decisions[i], list(top_ids[i]), list(top_probs[i]),
-                              None if cal is None else cal.probability_threshold, same)
+        check = what_to_check(decisions[i], list(top_ids[i]), list(top_scores[i]), list(top_probs[i]), cal, same)
         row = {"photo": p.label, "path": str(p.path), "decision": decisions[i],
                "probability": round(float(top_probs[i, 0]), 4), "score": round(float(top_scores[i, 0]), 4)}
         if p.identity is not None:

@@ -20,7 +20,7 @@ from .photos import thumbnail_bytes
 
 if TYPE_CHECKING:
     from .catalogue import Identification
-    from .cluster import Clustering
+    from .clustering import Clustering
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:20px;color:#222;background:#f6f6f3}
@@ -43,6 +43,7 @@ figure.passes img{border-color:#e0a000}
 .sep{width:2px;align-self:stretch;background:#ddd;margin:0 4px}
 .muted{color:#777} .wrong{color:#b00020;font-weight:600} .right{color:#1a8f2e;font-weight:600}
 .legend span{margin-right:14px}
+.single .badge{margin-bottom:3px}
 """
 
 
@@ -99,7 +100,7 @@ def identify_entries(ident: "Identification", query_thumbs: list[bytes | None]) 
     """One HTML block per query photo: the photo, its candidates, the decision and what to check."""
     cat = ident.catalogue
     cal = cat.calibration
-    p_t = None if cal is None else cal.probability_threshold
+    t = None if cal is None else cal.threshold
     out = []
     for i, photo in enumerate(ident.photos):
         decision = ident.decisions[i]
@@ -114,7 +115,8 @@ def identify_entries(ident: "Identification", query_thumbs: list[bytes | None]) 
             who = str(ident.top_ids[i, r])
             prob = float(ident.top_probs[i, r])
             j = int(ident.top_photo[i, r])
-            cls = "chosen" if (r == 0 and decision == who) else ("passes" if p_t is not None and prob >= p_t else "")
+            passes = t is not None and ident.top_scores[i, r] >= t
+            cls = "chosen" if (r == 0 and decision == who) else ("passes" if passes else "")
             lines = [f"<span class=\"name\">{r + 1}. {html.escape(who)}</span>",
                      f"score {ident.top_scores[i, r]:.3f} &middot; p {'n/a' if not np.isfinite(prob) else f'{prob:.2f}'}",
                      f"<span class=\"muted\">via {html.escape(cat.names[j])}</span>"]
@@ -140,7 +142,7 @@ def write_identify_report(ident: "Identification", path: str | Path, title: str 
 
 
 def write_cluster_report(result: "Clustering", path: str | Path, title: str = "Clustering report") -> Path:
-    """``report.html`` for :func:`jaguar_kit.cluster.cluster`: each group with its members."""
+    """``report.html`` for :func:`jaguar_kit.clustering.cluster`: each group with its members."""
     thumbs = [_thumb(f) for f in result.prepared]
     n_groups = len(result.group_names)
     rows = [("Photos", f"{len(result.photos)} in {n_groups} groups "
@@ -148,25 +150,50 @@ def write_cluster_report(result: "Clustering", path: str | Path, title: str = "C
             ("Linking rule", f"two photos with similarity &ge; {result.threshold:.3f} are in the same group")]
     if result.identification is not None:
         rows += _calibration_rows(result.identification.catalogue)
-    body = []
+    ident = result.identification
+
+    def member(i: int) -> str:
+        p = result.photos[i]
+        lines = [f"<span class=\"name\">{html.escape(p.label)}</span>"]
+        if ident is not None:
+            lines.append(f"closest known: {html.escape(str(ident.top_ids[i, 0]))} (p {ident.top_probs[i, 0]:.2f})")
+        if p.identity is not None:
+            lines.append(f"listed as: {html.escape(p.identity)}")
+        return f"<div class=\"member\" data-photo=\"{html.escape(p.label)}\">{_figure(data_uri(thumbs[i]), lines)}</div>"
+
+    def reference(members: np.ndarray, name: str) -> str:
+        """The catalogue photo that best matches the group's individual, to compare with."""
+        if ident is None or name.startswith("new-"):
+            return ""
+        base = name.rsplit("-", 1)[0] if name not in ident.catalogue.individuals else name
+        best = None
+        for i in members:
+            for r in range(ident.top_ids.shape[1]):
+                if ident.top_ids[i, r] == base and (best is None or ident.top_scores[i, r] > best[0]):
+                    best = (ident.top_scores[i, r], int(ident.top_photo[i, r]))
+        if best is None:
+            return ""
+        j = best[1]
+        lines = [f"<span class=\"name\">catalogue: {html.escape(base)}</span>",
+                 f"<span class=\"muted\">{html.escape(ident.catalogue.names[j])}</span>"]
+        return _figure(data_uri(ident.catalogue.thumbs[j]), lines, "chosen") + "<div class=\"sep\"></div>"
+
+    body, singles = [], []
     for g, name in enumerate(result.group_names):
         members = np.flatnonzero(result.groups == g)
-        figs = []
-        for i in members:
-            p = result.photos[i]
-            lines = [f"<span class=\"name\">{html.escape(p.label)}</span>"]
-            if result.identification is not None:
-                ident = result.identification
-                lines.append(f"closest known: {html.escape(str(ident.top_ids[i, 0]))} (p {ident.top_probs[i, 0]:.2f})")
-            if p.identity is not None:
-                lines.append(f"listed as: {html.escape(p.identity)}")
-            figs.append(f"<div class=\"member\" data-photo=\"{html.escape(p.label)}\">"
-                        f"{_figure(data_uri(thumbs[i]), lines)}</div>")
-        badge = "new" if name.startswith("new-") else "known" if result.identification is not None else "uncal"
+        badge = "new" if name.startswith("new-") else "known" if ident is not None else "uncal"
+        if len(members) == 1 and badge != "known":  # single new photos: one compact section below
+            singles.append(f"<div class=\"single\" data-group=\"{html.escape(name)}\"><span class=\"badge {badge}\">"
+                           f"{html.escape(name)}</span>{member(members[0])}</div>")
+            continue
         body.append(f"<section class=\"entry group\" data-group=\"{html.escape(name)}\"><h2><span class=\"badge {badge}\">"
                     f"{html.escape(name)}</span> {len(members)} photo{'s' if len(members) != 1 else ''}</h2>"
-                    f"<div class=\"row\">{''.join(figs)}</div>"
+                    f"<div class=\"row\">{reference(members, name)}{''.join(member(i) for i in members)}</div>"
                     f"<div class=\"check\">Check: {html.escape(result.group_checks[g])}</div></section>")
+    if singles:
+        body.append(f"<section class=\"entry singles\"><h2>{len(singles)} photos that match no other photo</h2>"
+                    f"<div class=\"row\">{''.join(singles)}</div><div class=\"check\">Check: each may be a new "
+                    f"individual seen once, or a poor view of an animal in a group above.</div></section>")
     atomic_write_text(path, _page(title, rows, "\n".join(body)))
     return Path(path)
 

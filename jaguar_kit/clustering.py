@@ -100,7 +100,7 @@ def name_groups(groups: np.ndarray, decisions: Sequence[str] | None, probs: Sequ
         elif n_new:
             checks.append(f"{votes[best]} of {len(members)} photos match {best}; confirm the other {n_new} are it too.")
         else:
-            checks.append(f"All {len(members)} photos match {best}.")
+            checks.append(f"All {len(members)} photos match {best}." if len(members) > 1 else f"The photo matches {best}.")
     # two groups on one known individual: keep both, distinguishable in folders
     seen: Counter = Counter()
     unique_names = []

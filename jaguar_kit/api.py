@@ -1,0 +1,93 @@
+"""The few calls a script needs, in one place (``import jaguar_kit as jk`` exposes them lazily).
+
+::
+
+    import jaguar_kit as jk
+    model = jk.load_model("frozen:efficientnet-lite0")          # or a training run's best.pt
+    cat = jk.build_catalogue("photos/", model, "catalogue/")       # a folder per individual, or a CSV
+    result = jk.identify(cat, "new_photos/")                       # top-k, probabilities, known or `new`
+    print(result.table[["photo", "decision", "probability"]])
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .catalogue import (
+    Catalogue,
+    Identification,
+    Model,
+    build_catalogue,
+    evaluate_open_set,
+    identify,
+    load_catalogue,
+    load_model,
+)
+from .clustering import Clustering, cluster, write_group_folders
+from .photos import Photo, read_photos
+
+
+def embed_photos(model: Model, images: Sequence[str | Path | Photo] | str | Path, cache_dir: str | Path | None = None,
+          progress: bool = False) -> np.ndarray:
+    """L2-normalised embeddings (N, D) of image files, ``Photo`` objects, or a folder / CSV of photos.
+
+    Rows follow the input order. ``cache_dir`` keeps prepared photos and embeddings between
+    calls (default: a temporary folder, removed afterwards).
+    """
+    from .catalogue import embed_photos as _embed
+
+    if isinstance(images, (str, Path)):
+        photos = read_photos(images, folder_labels=False)
+    else:
+        photos = [p if isinstance(p, Photo) else Photo(Path(p)) for p in images]
+    if cache_dir is not None:
+        return _embed(model, photos, cache_dir, progress=progress)[1]
+    with tempfile.TemporaryDirectory(prefix="jaguar_kit-") as tmp:
+        return _embed(model, photos, tmp, progress=progress)[1]
+
+
+def update_catalogue(catalogue: Catalogue | str | Path, photos, model: Model | None = None,
+                     progress: bool = False) -> Catalogue:
+    """Add (or relabel) photos in an existing catalogue; only photos new to it are embedded."""
+    cat = catalogue if isinstance(catalogue, Catalogue) else load_catalogue(catalogue)
+    if cat.folder is None:
+        raise ValueError("update_catalogue: the catalogue has no folder (load it with load_catalogue)")
+    if model is None:
+        model = load_model(cat.model["source"], prepared_size=cat.model["prepared_size"], tta=cat.model["tta"])
+    target = cat.calibration.target_false_merge if cat.calibration else 0.05
+    return build_catalogue(photos, model, cat.folder, target_false_merge=target, progress=progress)
+
+
+def score(embeddings: np.ndarray, identities: Sequence[str], new_share: float = 0.3, seed: int = 0,
+          target_false_merge: float = 0.05) -> dict:
+    """Open-set figures on an identity-disjoint split (see :func:`jaguar_kit.catalogue.evaluate_open_set`)."""
+    return evaluate_open_set(np.asarray(embeddings, np.float32), identities, new_share=new_share, seed=seed,
+                             target_false_merge=target_false_merge)
+
+
+def write_report(result: Identification | Clustering, path: str | Path) -> Path:
+    """The self-contained ``report.html`` of an identification or a clustering."""
+    from .report import write_cluster_report, write_identify_report
+
+    if isinstance(result, Clustering):
+        return write_cluster_report(result, path)
+    return write_identify_report(result, path)
+
+
+__all__ = [
+    "load_model",
+    "embed_photos",
+    "read_photos",
+    "build_catalogue",
+    "load_catalogue",
+    "update_catalogue",
+    "identify",
+    "cluster",
+    "score",
+    "write_report",
+    "write_group_folders",
+]
