@@ -104,6 +104,36 @@ def cmd_submit(args: argparse.Namespace) -> None:
     print(f"wrote {path}\nsubmit with: kaggle competitions submit -c jaguar-re-id -f {path} -m \"jaguar_kit\"")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from .pipeline import Embeddings, read_labels
+    from .tune import TTA_ORDER, summary, tune, write_outputs
+
+    cfg = _config(args)
+    variants: dict[str, list] = {}
+    for item in args.embeddings:  # [TTA=]PATH; items of one TTA setting are the models of an ensemble
+        tta, sep, path = item.partition("=")
+        if not sep or tta not in TTA_ORDER:
+            tta, path = cfg.embed.tta, item
+        variants.setdefault(tta, []).append(Embeddings.load(path))
+    paths = None
+    if args.data:
+        from .data.competition import load_competition
+
+        comp = load_competition(args.data, check_images=False)
+        paths = dict(zip(comp.train["filename"].astype(str), comp.train["path"]))
+    labels = args.labels or (Path(args.data) / "train.csv" if args.data else None)
+    if labels is None:
+        raise JaguarKitError("tune: give --labels (a filename,ground_truth CSV) or --data")
+    out = Path(args.out)
+    result = tune(variants, read_labels(labels), cfg.retrieval, image_paths=paths,
+                  local_cache=Path(args.local_cache) if args.local_cache else out / "local_cache",
+                  base_tta=cfg.embed.tta, seed=args.seed, workers=cfg.data.workers, progress=not args.quiet)
+    files = write_outputs(result, out)
+    print(summary(result))
+    print(f"wrote {files['config']}, {files['table'].name}, {files['report'].name}\n"
+          f"submit with it: jaguar-kit submit --config {files['config']} --data DATA --out OUT --embeddings TEST.npz")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -163,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--embeddings", nargs="+", required=True, help="test embeddings .npz, one per model")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("tune", help="choose TTA, QE, re-ranking and the local fusion on validation; writes tuned.json")
+    _add_common(p, data=False)
+    p.add_argument("--embeddings", nargs="+", required=True, metavar="[TTA=]NPZ",
+                   help="validation embeddings, one per model; prefix none=, hflip= or flip4= to compare TTA settings "
+                        "(unprefixed: embed.tta)")
+    p.add_argument("--labels", help="filename,ground_truth CSV (default: DATA/train.csv)")
+    p.add_argument("--data", help="the competition folder: turns on local-feature verification on its train images")
+    p.add_argument("--local-cache", help="local-feature cache folder (default: OUT/local_cache)")
+    p.add_argument("--seed", type=int, default=0, help="which identities form each half of the held-out check")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the whole pipeline on a CPU on synthetic data (or --data), with a report")
     p.add_argument("--data", help="a competition-shaped folder (default: generate the synthetic one)")
