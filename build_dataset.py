@@ -5,7 +5,7 @@ be pure (``py3-none-any``) and hold only the package. The wheel is built from a 
 copy of the sources, so stale ``build/`` files or tests can never slip into it, and is
 put at the folder's top level: ``kaggle datasets version`` skips sub-folders.
 
-    python build_dataset.py --owner ME [--out dist/kaggle-dataset]
+    python build_dataset.py [--owner ME] [--out dist/kaggle-dataset]
     kaggle datasets create -p dist/kaggle-dataset            # the first time
     kaggle datasets version -p dist/kaggle-dataset -m "..."  # afterwards
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.files import atomic_write_bytes, atomic_write_text
-from jaguar_kit.kaggle.metadata import PLACEHOLDER_USER, check_dataset_metadata, dataset_metadata, render_metadata
+from jaguar_kit.kaggle.metadata import check_dataset_metadata, dataset_metadata, render_metadata
+from jaguar_kit.kaggle.push import kaggle_user
 
 REPO = Path(__file__).resolve().parent
 PACKAGE = "jaguar_kit"
@@ -109,12 +110,11 @@ def upload_commands(out_dir: str | Path, version: str) -> dict[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the jaguar_kit wheel into a Kaggle dataset folder.")
     parser.add_argument("--out", default="dist/kaggle-dataset", help="dataset folder (default: %(default)s)")
-    parser.add_argument("--owner", default=os.environ.get("KAGGLE_USERNAME", PLACEHOLDER_USER),
-                        help="your Kaggle user name (default: $KAGGLE_USERNAME)")
+    parser.add_argument("--owner", help="your Kaggle user name (default: $KAGGLE_USERNAME, then kaggle.json's)")
     parser.add_argument("--license", default="CC0-1.0", help="the dataset's one license (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        wheel = build_dataset(args.out, args.owner, license_name=args.license)
+        wheel = build_dataset(args.out, kaggle_user(args.owner), license_name=args.license)
     except JaguarKitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,49 +13,134 @@
 
 # %% [markdown]
 # # jaguar_kit: resumable inference
-# Embeds the test and training images with every trained model attached as an input (the training
-# kernel's output), four flips as test-time augmentation, in 100-image chunks cached under
-# `/kaggle/working/cache`. Run it again after a timeout: finished chunks are reused (attach
-# this notebook's previous output too when the session changed).
+# Embeds the test images with every trained model attached as an input (the training notebook's
+# output: its `run/best.pt`), in chunks cached under `cache/` of this version's output, and
+# writes `embeddings_test_model<i>.npz` for the submission notebook.
+#
+# **A session timed out?** Attach this notebook's own output too and run it again: finished
+# chunks are reused, not recomputed.
+#
+# **Test-time augmentation** is the package default (`embed.tta`; `none`, `hflip` = the image and
+# its mirror, `flip4` = also the vertical flips). Jaguar flanks differ left to right, so a mirror
+# is not the same animal's other side: measure before you trust a flip. Set `MEASURE_TTA = True`
+# with a training run of fold 0 or more attached: this embeds that fold's validation images (the
+# real ones) with each TTA and prints their identity-balanced mAP; then pick the best with
+# `OVERRIDES = ["embed.tta=..."]`.
 
-# %% Install jaguar_kit: the wheel from the attached dataset (offline), or the local source tree.
-# This bootstrap cannot call jaguar_kit to find its own wheel, so it searches by itself.
+# %% [markdown]
+# ## Install jaguar_kit
+# From the attached `jaguar-kit-wheel` dataset (made by `build_dataset.py`), offline and without
+# touching the image's torch, timm, numpy, pandas or OpenCV (`--no-deps`). This cell is the same in
+# the three notebooks: it cannot import jaguar_kit to find the wheel, so it searches the inputs by
+# the package's own rule (`jaguar_kit.kaggle.env.walk_inputs`): at most 7 folders deep, links
+# followed, each real folder once, hidden entries skipped.
+
+# %%
+import importlib
 import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-if os.environ.get("JAGUAR_KIT_SRC"):
-    sys.path.insert(0, os.environ["JAGUAR_KIT_SRC"])
+
+def find_kit_wheels(roots, max_depth=7):
+    seen, found, queue = set(), {}, [(Path(r.strip()).expanduser(), 0) for r in roots if r.strip()]
+    while queue:
+        folder, depth = queue.pop(0)
+        try:
+            real = os.path.realpath(folder)
+            if real in seen or not folder.is_dir():
+                continue
+            seen.add(real)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                if depth < max_depth:
+                    queue.append((Path(e.path), depth + 1))
+            elif e.name.startswith("jaguar_kit-") and e.name.endswith(".whl"):
+                found.setdefault(os.path.realpath(e.path), Path(e.path))
+    return list(found.values())
+
+
+def wheel_key(wheel):
+    try:
+        from packaging.version import Version
+    except ImportError:  # a bare Python: pip carries its own copy
+        from pip._vendor.packaging.version import Version
+    return Version(wheel.name.split("-")[1]), wheel.stat().st_mtime
+
+
+INPUTS = (os.environ.get("JAGUAR_KIT_INPUT") or "/kaggle/input").split(os.pathsep)
+WHEELS = find_kit_wheels(INPUTS)
+if WHEELS:
+    WHEEL = max(WHEELS, key=wheel_key)
+    # --force-reinstall: a re-uploaded wheel of the same version replaces an earlier install.
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                           "--force-reinstall", str(WHEEL)])
+    importlib.invalidate_caches()
 elif importlib.util.find_spec("jaguar_kit") is None:
-    root = Path(os.environ.get("JAGUAR_KIT_INPUT", "/kaggle/input"))
-    wheels = [w for depth in range(1, 5) for w in root.glob("*/" * depth + "jaguar_kit-*.whl")]
-    if not wheels:
-        raise SystemExit("attach the jaguar-kit-wheel dataset (made by build_dataset.py) to this notebook")
-    newest = max(wheels, key=lambda w: [int(x) for x in w.name.split("-")[1].split(".") if x.isdigit()])
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(newest)])
+    raise FileNotFoundError(f"no jaguar_kit-*.whl under {os.pathsep.join(INPUTS)}: attach the jaguar-kit-wheel "
+                            "dataset (made by build_dataset.py) to this notebook")
+import jaguar_kit
 
-# %% Settings.
+print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).parent}")
+
+# %% [markdown]
+# ## Settings
+
+# %% tags=["parameters"]
 CHECKPOINT_NAME = "best.pt"  # which checkpoint of each attached training run
-SPLITS = ["test", "train"]  # test first: the submission needs it; train embeddings serve validation and QE
-OVERRIDES = ["embed.tta=flip4", "embed.chunk_size=100"]
-OVERRIDES += [o for o in os.environ.get("JAGUAR_KIT_SET", "").split(";") if o]
+SPLITS = ["test"]  # what submission reads; add "train" only for a step that uses train embeddings
+MEASURE_TTA = False  # True: score none / hflip / flip4 on the attached run's validation fold first
+OVERRIDES = []  # more settings as "section.key=value", e.g. "embed.tta=hflip", "embed.chunk_size=100"
 
-# %% Embed with every attached model.
+# %% [markdown]
+# ## Models and data
+
+# %%
+import copy
+
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
-from jaguar_kit.kaggle.env import default_cache_dir, input_root, working_root
-from jaguar_kit.pipeline import embed_split, find_outputs
+from jaguar_kit.errors import JaguarKitError
+from jaguar_kit.kaggle.env import default_cache_dir, input_root, input_roots, prepared_dir, working_root
+from jaguar_kit.pipeline import embed_split, find_outputs, read_labels, score
 
-cfg = apply_overrides(Config(), OVERRIDES)
+cfg = apply_overrides(Config(), list(OVERRIDES))
 DATA = find_competition_dir(input_root())
-CHECKPOINTS = find_outputs([working_root(), input_root()], CHECKPOINT_NAME)
+CHECKPOINTS = find_outputs([working_root(), *input_roots()], CHECKPOINT_NAME)
 if not CHECKPOINTS:
-    raise SystemExit(f"no {CHECKPOINT_NAME} found: attach the training kernel's output as an input")
+    raise JaguarKitError(f"no {CHECKPOINT_NAME} found under {', '.join(map(str, input_roots()))}: attach the "
+                         "training notebook's output as an input")
+print(f"data: {DATA}\nTTA: {cfg.embed.tta}\nprepared images: {prepared_dir()}")
 for i, checkpoint in enumerate(CHECKPOINTS):
     print(f"model {i}: {checkpoint}")
+
+# %% [markdown]
+# ## Measure TTA on the validation fold (optional)
+# Each training run validates on one fold that it never trained on (`data.fold` of its
+# `config.json`); its real validation images tell which augmentation helps this model.
+
+# %%
+if MEASURE_TTA:
+    LABELS = read_labels(DATA / "train.csv")
+    for tta in ("none", "hflip", "flip4"):
+        c = apply_overrides(copy.deepcopy(cfg), [f"embed.tta={tta}"])
+        emb = embed_split(CHECKPOINTS[0], DATA, "val", default_cache_dir(), prepared_dir(), c,
+                          seed_roots=input_roots())
+        r = score([emb], LABELS, c.retrieval)["raw"]
+        print(f"TTA {tta:5s}: validation mAP {r['map']:.4f}, rank-1 {r['rank1']:.4f} ({len(emb.names)} images)")
+
+# %% [markdown]
+# ## Embed
+
+# %%
+for i, checkpoint in enumerate(CHECKPOINTS):
     for split in SPLITS:
-        emb = embed_split(checkpoint, DATA, split, default_cache_dir(), working_root() / "prepared", cfg,
-                          seed_roots=[input_root()])
-        print(" ", emb.save(working_root() / f"embeddings_{split}_model{i}.npz"))
+        emb = embed_split(checkpoint, DATA, split, default_cache_dir(), prepared_dir(), cfg, seed_roots=input_roots())
+        print(f"model {i} {split}: {len(emb.names)} images ->", emb.save(working_root() / f"embeddings_{split}_model{i}.npz"))

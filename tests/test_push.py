@@ -130,22 +130,83 @@ def test_dry_run_builds_a_valid_folder_and_returns_the_command(kernels, tmp_path
     assert all(s.startswith("alice/") for s in meta["dataset_sources"] + meta["kernel_sources"])
 
 
-def test_user_defaults_to_kaggle_username_and_placeholder_is_refused(kernels, tmp_path, monkeypatch):
+@pytest.fixture
+def no_kaggle_identity(tmp_path, monkeypatch):
+    """No --user, no KAGGLE_USERNAME, no kaggle.json: a fresh machine."""
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
-    with pytest.raises(JaguarKitError, match="replace the placeholder.*KAGGLE_USERNAME"):
-        push.push_kernel("train", None, tmp_path / "b1", dry_run=True, kernels_dir=kernels)
-    assert not (tmp_path / "b1" / "train" / "kernel-metadata.json").exists()
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    return tmp_path / "home"
+
+
+def test_user_comes_from_the_flag_then_the_variable_then_kaggle_json(kernels, tmp_path, monkeypatch,
+                                                                     no_kaggle_identity):
+    with pytest.raises(JaguarKitError, match="no Kaggle user name: pass --user ME, set KAGGLE_USERNAME") as e:
+        push.push_kernel("train", None, tmp_path / "b0", dry_run=True, kernels_dir=kernels)
+    assert str(no_kaggle_identity / ".kaggle" / "kaggle.json") in str(e.value)
+    assert not (tmp_path / "b0" / "train" / "kernel-metadata.json").exists()
+
+    def pushed_id(build: str, user=None) -> str:
+        push.push_kernel("train", user, tmp_path / build, dry_run=True, kernels_dir=kernels)
+        return json.loads((tmp_path / build / "train" / "kernel-metadata.json").read_text())["id"]
+
+    (no_kaggle_identity / ".config" / "kaggle").mkdir(parents=True)
+    (no_kaggle_identity / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "xdg-dave", "key": "k"}')
+    assert pushed_id("b1") == "xdg-dave/jaguar-re-id-train"  # the CLI's XDG location
+    (no_kaggle_identity / ".kaggle").mkdir()
+    (no_kaggle_identity / ".kaggle" / "kaggle.json").write_text('{"username": "dave", "key": "k"}')
+    assert pushed_id("b2") == "dave/jaguar-re-id-train"  # ~/.kaggle wins, as in the CLI
     monkeypatch.setenv("KAGGLE_USERNAME", "carol")
-    push.push_kernel("train", None, tmp_path / "b2", dry_run=True, kernels_dir=kernels)
-    assert json.loads((tmp_path / "b2" / "train" / "kernel-metadata.json").read_text())["id"].startswith("carol/")
+    assert pushed_id("b3") == "carol/jaguar-re-id-train"
+    assert pushed_id("b4", "alice") == "alice/jaguar-re-id-train"
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "kaggle.json").write_text("{not json")
+    with pytest.raises(JaguarKitError, match=r"cfg/kaggle.json: not a readable kaggle.json"):
+        pushed_id("b5")
 
 
-def test_push_from_a_folder_with_the_repo_root_metadata(tmp_path):
-    """The repository root's kernel-metadata.json (a script) pushes from a build copy."""
+def test_sources_from_the_command_line_are_attached_and_validated(kernels, tmp_path, capsys):
+    args = ["train", "--user", "alice", "--dry-run", "--kernels-dir", str(kernels), "--build-dir", str(tmp_path / "b"),
+            "--model", "bvra/megadescriptor-l-384/pytorch/default/1", "--dataset", "bob/megadescriptor-copy",
+            "--kernel", "bob/jaguar-re-id-train", "--kernel", "alice/jaguar-re-id-train", "--resume"]
+    assert push.main(args) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "b" / "train" / "kernel-metadata.json").read_text())
+    assert meta["model_sources"] == ["bvra/megadescriptor-l-384/pytorch/default/1"]
+    assert meta["dataset_sources"] == ["alice/jaguar-kit-wheel", "bob/megadescriptor-copy"]
+    assert meta["kernel_sources"] == ["alice/jaguar-re-id-train", "bob/jaguar-re-id-train"]  # listed once
+    # a model without its version is refused before anything is pushed (Kaggle would drop it)
+    assert push.main([*args[:8], "--model", "bvra/megadescriptor-l-384/pytorch/default"]) == 2
+    assert "model_sources 'bvra/megadescriptor-l-384/pytorch/default': expected" in capsys.readouterr().err
+    with pytest.raises(JaguarKitError, match="unknown kind 'weights'"):
+        push.push_kernel("train", "alice", tmp_path / "b", dry_run=True, kernels_dir=kernels,
+                         sources={"weights": ["x/y"]})
+
+
+def test_jaguar_kit_cli_kaggle_push_takes_the_same_sources(kernels, tmp_path):
+    from jaguar_kit.cli import build_parser
+
+    args = build_parser().parse_args(["kaggle", "push", "infer", "--user", "alice", "--dry-run",
+                                      "--build", str(tmp_path / "b"), "--model", "o/m/pytorch/v/2",
+                                      "--kernel", "bob/jaguar-re-id-train"])
+    assert push.sources_from_args(args) == {"models": ["o/m/pytorch/v/2"], "kernels": ["bob/jaguar-re-id-train"]}
+    args.kernels_dir = str(kernels)
+    args.func(args)
+    meta = json.loads((tmp_path / "b" / "infer" / "kernel-metadata.json").read_text())
+    assert meta["model_sources"] == ["o/m/pytorch/v/2"]
+    assert meta["kernel_sources"] == ["alice/jaguar-re-id-train", "bob/jaguar-re-id-train"]
+
+
+def test_push_from_a_folder_with_the_repo_root_metadata(tmp_path, monkeypatch):
+    """The repository root's kernel-metadata.json (a script) pushes from a build copy, with the
+    user's name in place of the placeholder it is kept with."""
     root = tmp_path / "repo"
     md.write_repo_metadata(root)
     stand_in(root / "kernels", "train")
-    cmd = push.push_kernel(root, "alice", tmp_path / "build", dry_run=True)
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    cmd = push.push_kernel(root, None, tmp_path / "build", dry_run=True)
     folder = Path(cmd[-1])
     meta = json.loads((folder / "kernel-metadata.json").read_text())
     assert meta["code_file"] == "train.py" and (folder / "train.py").read_text() == (root / "kernels/train.py").read_text()
@@ -227,3 +288,76 @@ def test_command_line(kernels, tmp_path, capsys):
     assert meta["kernel_sources"] == ["alice/jaguar-re-id-train"]
     assert push.main(["train", "--dry-run", "--kernels-dir", str(tmp_path / "none")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the real kaggle CLI's own checks
+
+
+@pytest.fixture
+def kaggle_api(tmp_path, monkeypatch):
+    """The real kaggle CLI's push code, with the one network call replaced by a recorder.
+
+    ``KaggleApi.kernels_push`` reads and checks the folder (metadata, code file, slugs, every
+    source's form, the notebook's JSON) and then calls ``save_kernel`` on a client: the client
+    is the stub, so everything up to the network runs for real. Sockets are refused too.
+    """
+    import socket
+
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))  # the CLI creates it on import
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("offline test")))
+    pytest.importorskip("six")  # kaggle 2.x imports six without declaring it
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    sent = []
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        class kernels:  # noqa: N801 - mirrors kagglesdk's attribute path
+            class kernels_api_client:  # noqa: N801
+                @staticmethod
+                def save_kernel(request):
+                    sent.append(request)
+                    return None
+
+    api = KaggleApi()
+    monkeypatch.setattr(api, "build_kaggle_client", lambda: Client())
+    return api, sent
+
+
+@pytest.mark.parametrize("kind", md.KINDS)
+def test_pushed_folders_pass_the_real_kaggle_cli_checks(kind, tmp_path, kaggle_api, capsys):
+    from conftest import REPO
+
+    api, sent = kaggle_api
+    folder = push.prepare_kernel(kind, "alice", tmp_path / "build", kernels_dir=REPO / "kernels", resume=True,
+                                 sources={"models": ["bvra/megadescriptor-l-384/pytorch/default/1"],
+                                          "datasets": ["bob/megadescriptor-copy"]})
+    api.kernels_push(str(folder))
+    assert "does not resolve to the specified id" not in capsys.readouterr().out  # title slug == id slug
+    (req,) = sent
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert req.slug == meta["id"] == f"alice/{md.kernel_slug(kind)}"
+    assert req.kernel_type == "notebook" and req.language == "python" and req.enable_internet is True
+    assert list(req.model_data_sources) == ["bvra/megadescriptor-l-384/pytorch/default/1"]
+    assert list(req.kernel_data_sources) == meta["kernel_sources"] and f"alice/{md.kernel_slug(kind)}" in meta[
+        "kernel_sources"]
+    assert req.machine_shape == ("NvidiaTeslaT4" if meta["enable_gpu"] else None)
+    body = json.loads(req.text)  # the notebook the server receives: our cells, kernelspec, the parameters tag
+    assert body["metadata"]["kernelspec"]["name"] == "python3"
+    assert any("parameters" in c["metadata"].get("tags", []) for c in body["cells"])
+
+
+def test_repo_root_metadata_passes_the_real_kaggle_cli_checks(tmp_path, kaggle_api, monkeypatch):
+    from conftest import REPO
+
+    api, sent = kaggle_api
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    folder = push.prepare_kernel(REPO, None, tmp_path / "build")
+    api.kernels_push(str(folder))
+    assert sent[0].slug == "alice/jaguar-re-id-train" and sent[0].kernel_type == "script"
+    assert sent[0].text == (REPO / "kernels" / "train.py").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,6 @@ import pytest
 
 import jaguar_kit
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import install_command
 from jaguar_kit.kaggle.metadata import PLACEHOLDER_USER, validate_dataset_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,29 +75,27 @@ def test_wheel_holds_every_module_of_the_package(wheel):
     assert sources - names == set()
 
 
-def test_wheel_installs_offline_into_a_bare_venv_and_imports(wheel, dataset, tmp_path):
+def test_the_kernels_install_cell_installs_it_offline_into_a_bare_venv(wheel, dataset, tmp_path):
+    """The install cell, as it runs on Kaggle, in a Python that has never seen jaguar_kit."""
+    from test_kernels import install_cell
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     python = venv / "bin" / "python"
-    subprocess.run(install_command(wheel, python=python), check=True, capture_output=True, text=True, cwd=tmp_path)
-    # -I: ignore the repo on sys.path and PYTHONPATH; the import must come from the venv.
-    # The kaggle.env helpers run in a bare interpreter (before torch is ever imported).
-    code = (
-        "import sys, jaguar_kit\n"
-        "from jaguar_kit.kaggle.env import find_wheel\n"
-        "print(jaguar_kit.__file__)\n"
-        "print(jaguar_kit.__version__)\n"
-        "print(find_wheel(sys.argv[1]))\n"
-    )
     input_root = tmp_path / "input"
     (input_root / "datasets" / "alice").mkdir(parents=True)
     (input_root / "datasets" / "alice" / "jaguar-kit-wheel").symlink_to(dataset, target_is_directory=True)
-    proc = subprocess.run([str(python), "-I", "-c", code, str(input_root)], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    file, version, found = proc.stdout.split("\n")[:3]
-    assert Path(file).is_relative_to(venv)
-    assert version == jaguar_kit.__version__
-    assert Path(found).name == wheel.name
+    env = {"PATH": os.environ.get("PATH", ""), "JAGUAR_KIT_INPUT": str(input_root), "PIP_NO_INDEX": "1",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # -I: no repo, no PYTHONPATH; --no-deps keeps pip from wanting torch, so the import of
+    # jaguar_kit's top level (standard library only) must come from the venv.
+    proc = subprocess.run([str(python), "-I", "-c", install_cell("train")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"jaguar_kit {jaguar_kit.__version__} from {venv}" in proc.stdout
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
+    assert {p["name"] for p in json.loads(listed.stdout)} == {"pip", "jaguar_kit"} | (
+        {"setuptools"} if "setuptools" in listed.stdout else set())  # nothing but the wheel was installed
 
 
 def test_placeholder_owner_is_refused_before_building(tmp_path):

@@ -7,8 +7,10 @@ and runs the kernel without that input. Each validator returns one-line problems
 ``check_*`` variants raise them as one :class:`JaguarKitError`.
 
 :func:`kernel_metadata` is the single source of truth for the train, infer and submit
-kernels; the JSON files in the repository are rendered from it (:func:`repo_metadata`)
-and a test keeps them in sync.
+kernels: ``jaguar-kit kaggle push`` renders each kernel's file at push time with the user's
+name and any extra sources; the one file kept in the repository (the root
+``kernel-metadata.json``) is rendered from it too (:func:`repo_metadata`) and a test keeps
+it equal to the generator's output.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..errors import JaguarKitError
 
@@ -30,6 +32,9 @@ WHEEL_DATASET_TITLE = "Jaguar Kit Wheel"
 PLACEHOLDER_USER = "your-kaggle-username"
 GPU_SHAPE = "NvidiaTeslaT4"  # T4 x2; the P100 is retired (no sm_60 kernels in the image's torch)
 RETIRED_SHAPES = ("NvidiaTeslaP100",)
+# What `jaguar-kit kaggle push --dataset/--model/--kernel/--competition` adds, by metadata field.
+SOURCE_KINDS = {"datasets": "dataset_sources", "models": "model_sources", "kernels": "kernel_sources",
+                "competitions": "competition_sources"}
 KERNEL_TITLES = {"train": "Jaguar Re-ID Train", "infer": "Jaguar Re-ID Infer", "submit": "Jaguar Re-ID Submit"}
 
 KERNEL_FIELDS = {
@@ -78,6 +83,7 @@ def kernel_metadata(
     private: bool = True,
     resume: bool = False,
     extra_kernel_sources: tuple[str, ...] = (),
+    sources: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The ``kernel-metadata.json`` of our train, infer or submit kernel for ``user``.
 
@@ -87,15 +93,18 @@ def kernel_metadata(
     (built next to this file by :func:`jaguar_kit.kaggle.push.push_kernel`) and
     ``<kind>.py`` for a script. ``resume`` attaches this kernel's own previous output (a
     timed-out training continues from its ``last.pt``, inference from its cached chunks);
-    ``extra_kernel_sources`` adds other kernels, e.g. more trained models.
+    ``extra_kernel_sources`` adds other kernels, e.g. more trained models. ``sources`` adds
+    inputs by kind (:data:`SOURCE_KINDS`: ``datasets``, ``models``, ``kernels``,
+    ``competitions``), e.g. ``{"models": ["bvra/megadescriptor-l-384/pytorch/default/1"]}``
+    for weights that must load with Internet off.
     """
     _check_kind(kind)
     upstream = {"train": [], "infer": ["train"], "submit": ["infer", "train"]}[kind]
     if code_file is None:
         code_file = f"{kind}.ipynb" if kernel_type == "notebook" else f"{kind}.py"
     own = f"{user}/{kernel_slug(kind)}"
-    sources = [f"{user}/{kernel_slug(k)}" for k in upstream] + ([own] if resume else [])
-    sources += [s for s in extra_kernel_sources if s not in sources]
+    kernels = [f"{user}/{kernel_slug(k)}" for k in upstream] + ([own] if resume else [])
+    kernels += [s for s in extra_kernel_sources if s not in kernels]
     meta: dict[str, Any] = {
         "id": own,
         "title": KERNEL_TITLES[kind],
@@ -108,27 +117,35 @@ def kernel_metadata(
         "enable_internet": internet,
         "dataset_sources": [f"{user}/{WHEEL_DATASET_SLUG}"],
         "competition_sources": [COMPETITION],
-        "kernel_sources": sources,
+        "kernel_sources": kernels,
         "model_sources": [],
     }
     if gpu:
         meta["machine_shape"] = GPU_SHAPE
+    return add_sources(meta, sources)
+
+
+def add_sources(meta: dict[str, Any], sources: Mapping[str, Sequence[str]] | None) -> dict[str, Any]:
+    """``meta`` with more inputs by kind (:data:`SOURCE_KINDS`), each listed once."""
+    meta = dict(meta)
+    for kind, refs in (sources or {}).items():
+        if kind not in SOURCE_KINDS:
+            raise JaguarKitError(f"sources: unknown kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
+        key = SOURCE_KINDS[kind]
+        have = list(meta.get(key) or [])
+        meta[key] = have + [r for r in refs if r not in have]
     return meta
 
 
 def repo_metadata(user: str = PLACEHOLDER_USER) -> dict[str, dict[str, Any]]:
     """The metadata files kept in the repository, keyed by their path from the repo root.
 
-    ``kernel-metadata.json`` pushes ``kernels/train.py`` as a script straight from the
-    repository root (``kaggle kernels push``, no build step). ``kernels/metadata/<kind>.json``
-    is each kernel as :func:`~jaguar_kit.kaggle.push.push_kernel` pushes it: a notebook
-    built into the build folder.
+    Only ``kernel-metadata.json``: it pushes ``kernels/train.py`` as a script from the
+    repository root (``jaguar-kit kaggle push . --user ME`` puts the user's name in). The
+    notebooks' metadata is rendered at push time into the build folder, never kept.
     """
-    files = {"kernel-metadata.json": kernel_metadata("train", user, kernel_type="script",
-                                                     code_file="kernels/train.py")}
-    for kind in KINDS:
-        files[f"kernels/metadata/{kind}.json"] = kernel_metadata(kind, user)
-    return files
+    return {"kernel-metadata.json": kernel_metadata("train", user, kernel_type="script",
+                                                    code_file="kernels/train.py")}
 
 
 def render_metadata(meta: dict[str, Any]) -> str:
@@ -378,10 +395,12 @@ __all__ = [
     "COMPETITION",
     "WHEEL_DATASET_SLUG",
     "PLACEHOLDER_USER",
+    "SOURCE_KINDS",
     "GPU_SHAPE",
     "slugify",
     "kernel_slug",
     "kernel_metadata",
+    "add_sources",
     "dataset_metadata",
     "repo_metadata",
     "render_metadata",

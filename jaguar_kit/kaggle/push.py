@@ -6,11 +6,16 @@ folder. Everything is validated before the CLI runs, and the CLI's output is che
 afterwards: Kaggle accepts a push whose sources are invalid and then runs the kernel
 without them, which would only show hours later as a missing input.
 
-Command line::
+Command line (``jaguar-kit kaggle push`` takes the same arguments)::
 
-    python -m jaguar_kit.kaggle.push train --user ME [--dry-run]
+    python -m jaguar_kit.kaggle.push train [--user ME] [--resume] [--dry-run]
+        [--dataset OWNER/SLUG] [--model OWNER/MODEL/FRAMEWORK/VARIATION/VERSION]
+        [--kernel OWNER/SLUG] [--competition SLUG]
     python -m jaguar_kit.kaggle.push PATH/WITH/kernel-metadata.json-folder --user ME
     python -m jaguar_kit.kaggle.push --write-metadata .   # re-render the repo's metadata
+
+The user name comes from ``--user``, else ``$KAGGLE_USERNAME``, else the ``username`` of the
+kaggle CLI's ``kaggle.json`` (``$KAGGLE_CONFIG_DIR``, ``~/.kaggle`` or ``~/.config/kaggle``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..errors import JaguarKitError
 from ..files import atomic_write_text
 from .metadata import (
     KINDS,
     PLACEHOLDER_USER,
+    SOURCE_KINDS,
+    add_sources,
     check_kernel_metadata,
     kernel_metadata,
     render_metadata,
@@ -70,6 +77,37 @@ def build_notebook(py_path: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+def kaggle_config_files() -> list[Path]:
+    """Where the kaggle CLI looks for ``kaggle.json``, in its order."""
+    env = os.environ.get("KAGGLE_CONFIG_DIR")
+    if env:
+        return [Path(env).expanduser() / "kaggle.json"]
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [Path.home() / ".kaggle" / "kaggle.json", xdg / "kaggle" / "kaggle.json"]
+
+
+def kaggle_user(user: str | None = None) -> str:
+    """The Kaggle user name: ``user``, else ``$KAGGLE_USERNAME``, else ``kaggle.json``'s."""
+    if user:
+        return user
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    for path in kaggle_config_files():
+        if not path.is_file():
+            continue
+        try:
+            name = json.loads(path.read_text(encoding="utf-8")).get("username")
+        except (OSError, ValueError, AttributeError) as e:
+            raise JaguarKitError(f"{path}: not a readable kaggle.json ({e})") from e
+        if isinstance(name, str) and name:
+            return name
+        raise JaguarKitError(f"{path}: has no \"username\"; pass --user or set KAGGLE_USERNAME")
+    raise JaguarKitError(
+        "no Kaggle user name: pass --user ME, set KAGGLE_USERNAME, or put the kaggle.json from "
+        f"kaggle.com/settings (API) at {kaggle_config_files()[0]}"
+    )
+
+
 def _with_user(meta: dict[str, Any], user: str) -> dict[str, Any]:
     """Put ``user`` in place of the id's owner (or the placeholder) in the id and sources."""
     meta = dict(meta)
@@ -107,17 +145,18 @@ def prepare_kernel(
     *,
     kernels_dir: str | Path | None = None,
     resume: bool = False,
+    sources: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Build the folder ``kaggle kernels push -p`` takes: code file + validated metadata.
 
     ``kernel`` is one of ``train``, ``infer``, ``submit`` (source ``kernels_dir/<kind>.py``,
     default ``./kernels``; metadata from :func:`kernel_metadata`), or a folder holding a
     ``kernel-metadata.json`` whose ``code_file`` is converted (a notebook's ``.py``) or
-    copied. ``user`` (default ``$KAGGLE_USERNAME``) replaces the owner in the id and sources.
+    copied. ``user`` (default: :func:`kaggle_user`) replaces the owner in the id and sources.
     ``resume`` attaches the kernel's own previous output (one of our kinds only).
-    Returns ``build_dir/<kind or slug>``.
+    ``sources`` attaches more inputs by kind (``datasets``, ``models``, ``kernels``,
+    ``competitions``). Returns ``build_dir/<kind or slug>``.
     """
-    user = user or os.environ.get("KAGGLE_USERNAME") or None
     build_dir = Path(build_dir)
     if str(kernel) in KINDS:
         kind = str(kernel)
@@ -125,7 +164,7 @@ def prepare_kernel(
         py = src_dir / f"{kind}.py"
         if not py.is_file():
             raise JaguarKitError(f"{py}: kernel source not found; run from the repository root or pass kernels_dir")
-        meta = kernel_metadata(kind, user or PLACEHOLDER_USER, resume=resume)
+        meta = kernel_metadata(kind, kaggle_user(user), resume=resume, sources=sources)
         out = build_dir / kind
         meta["code_file"] = build_notebook(py, out).name
         expect_gpu = kind in GPU_KINDS
@@ -139,8 +178,10 @@ def prepare_kernel(
                 f"{kernel}: neither one of {', '.join(KINDS)} nor a folder with {METADATA_FILE}"
             )
         meta = _read_metadata(folder)
-        if user:
-            meta = _with_user(meta, user)
+        owner = str(meta.get("id", "")).split("/", 1)[0]
+        if user or owner in ("", PLACEHOLDER_USER):
+            meta = _with_user(meta, kaggle_user(user))
+        meta = add_sources(meta, sources)
         code = meta.get("code_file")
         src = folder / code if isinstance(code, str) and code else None
         if src is None or not src.is_file():
@@ -188,14 +229,15 @@ def push_kernel(
     *,
     kernels_dir: str | Path | None = None,
     resume: bool = False,
+    sources: Mapping[str, Sequence[str]] | None = None,
     timeout_s: float = 600,
 ) -> list[str]:
     """Build, validate and push one kernel; returns the ``kaggle kernels push`` command.
 
-    See :func:`prepare_kernel` for ``kernel``, ``user``, ``kernels_dir`` and ``resume``. With
-    ``dry_run`` the command is printed and returned without running.
+    See :func:`prepare_kernel` for ``kernel``, ``user``, ``kernels_dir``, ``resume`` and
+    ``sources``. With ``dry_run`` the command is printed and returned without running.
     """
-    out = prepare_kernel(kernel, user, build_dir, kernels_dir=kernels_dir, resume=resume)
+    out = prepare_kernel(kernel, user, build_dir, kernels_dir=kernels_dir, resume=resume, sources=sources)
     cmd = ["kaggle", "kernels", "push", "-p", str(out)]
     print(("would run: " if dry_run else "running: ") + shlex.join(cmd))
     if dry_run:
@@ -215,14 +257,43 @@ def push_kernel(
     return cmd
 
 
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--dataset/--model/--kernel/--competition`` options (each repeatable)."""
+    add = parser.add_argument
+    add("--dataset", dest="source_datasets", action="append", default=[], metavar="OWNER/SLUG",
+        help="attach a dataset, e.g. a copy of the backbone's weights (repeatable)")
+    add("--model", dest="source_models", action="append", default=[],
+        metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
+        help="attach a Kaggle Model, e.g. the backbone's weights for Internet off (repeatable)")
+    add("--kernel", dest="source_kernels", action="append", default=[], metavar="OWNER/SLUG",
+        help="attach a kernel's output: another trained model, a previous session (repeatable)")
+    add("--competition", dest="source_competitions", action="append", default=[], metavar="SLUG",
+        help="attach another competition (repeatable)")
+
+
+def sources_from_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``{"datasets": [...], ...}`` from the options of :func:`add_source_arguments`."""
+    out = {kind: list(getattr(args, f"source_{kind}", None) or []) for kind in SOURCE_KINDS}
+    return {k: v for k, v in out.items() if v}
+
+
+def push_from_args(args: argparse.Namespace) -> list[str]:
+    """Run a push from parsed arguments (``jaguar-kit kaggle push`` and this module's ``main``)."""
+    build = getattr(args, "build_dir", None) or getattr(args, "build", None) or "build/kaggle"
+    return push_kernel(args.kernel, args.user, Path(build), args.dry_run,
+                       kernels_dir=getattr(args, "kernels_dir", None), resume=args.resume,
+                       sources=sources_from_args(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaguar_kit.kaggle.push", description=__doc__.split("\n")[0])
     parser.add_argument("kernel", nargs="?", help="train | infer | submit | a folder with kernel-metadata.json")
-    parser.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME)")
+    parser.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME, then kaggle.json)")
     parser.add_argument("--build-dir", default="build/kaggle", help="where the pushed folders are built")
     parser.add_argument("--kernels-dir", help="folder of the kernels' .py sources (default ./kernels)")
     parser.add_argument("--resume", action="store_true", help="attach the kernel's own previous output")
     parser.add_argument("--dry-run", action="store_true", help="build and validate, print the command only")
+    add_source_arguments(parser)
     parser.add_argument("--write-metadata", metavar="REPO", help="re-render the repo's metadata files and exit")
     args = parser.parse_args(argv)
     try:
@@ -232,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.kernel:
             parser.error("name a kernel (train, infer, submit or a folder)")
-        push_kernel(args.kernel, args.user, args.build_dir, args.dry_run,
-                    kernels_dir=args.kernels_dir, resume=args.resume)
+        push_from_args(args)
     except JaguarKitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -244,4 +314,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_notebook", "prepare_kernel", "push_kernel", "check_push_output", "main"]
+__all__ = [
+    "build_notebook",
+    "kaggle_user",
+    "prepare_kernel",
+    "push_kernel",
+    "push_from_args",
+    "add_source_arguments",
+    "sources_from_args",
+    "check_push_output",
+    "main",
+]
