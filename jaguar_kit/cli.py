@@ -52,20 +52,33 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.engine import launch_ddp, train, train_folds
+    import signal
+    import tempfile
+
+    from .train.engine import _dist_info, launch_ddp, train, train_folds
 
     cfg = _config(args)
-    if args.gpus > 1:  # the run's own config.json carries the settings to every rank
-        out = Path(args.out)
-        cfg.save(out / "config.json")
-        sys.exit(launch_ddp(out / "config.json", args.data, out, nproc=args.gpus))
+    if args.gpus > 1:  # every rank reads the settings from one file; the run folder is rank 0's to write
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.save(Path(tmp) / "config.json")
+            sys.exit(launch_ddp(Path(tmp) / "config.json", args.data, args.out, nproc=args.gpus))
     if args.all_folds:
         results = train_folds(cfg, args.data, args.out, progress=not args.quiet)
     else:
         results = [train(cfg, args.data, args.out, prepared_root=args.prepared, progress=not args.quiet)]
+    if _dist_info()[0] != 0:
+        return  # under DDP only rank 0 reports
     for r in results:
-        best = "n/a" if r.best_map is None else f"{r.best_map:.4f}"
-        print(f"{r.run_dir}: {r.status} after {r.epochs_done} epochs, best val mAP {best}")
+        print(r.summary())
+    stopped = [r.stop_reason for r in results if r.stop_reason.startswith("SIG")]
+    if stopped:  # so `train && embed` does not go on with an unfinished model
+        sys.exit(128 + signal.Signals[stopped[0]].value)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from .config import describe_config
+
+    print(describe_config(_config(args)))
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -174,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-folds", action="store_true", help="cross-validation: every fold into OUT/fold{k}")
     p.add_argument("--gpus", type=int, default=1, help="processes for DDP via torchrun (2 on Kaggle's T4 x2)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print every config key with its value and what it does")
+    p.add_argument("--config", help="a JSON or YAML config file to show (default: the built-in defaults)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("embed", help="embed images with TTA in resumable 100-image chunks")
     _add_common(p)

@@ -85,17 +85,19 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 
 def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL at a named point, for fault-injection tests.
+    """Signal this process at a named point, for fault-injection tests.
 
-    Armed only by ``JAGUAR_KIT_FAULT=name:N`` (die the N-th time ``name`` is reached), so the
-    reliability tests can land a real kill at an exact instant such as mid-checkpoint-write.
+    Armed only by ``JAGUAR_KIT_FAULT=name:N[:SIGNAL]``: the N-th time ``name`` is reached the
+    process sends itself SIGNAL (default SIGKILL), so the reliability tests land a real kill
+    or a real Ctrl-C (``SIGINT``) at an exact instant such as mid-checkpoint-write.
     """
     spec = os.environ.get("JAGUAR_KIT_FAULT", "")
     if not spec.startswith(name + ":"):
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] >= int(spec.split(":", 1)[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    count, _, signame = spec[len(name) + 1:].partition(":")
+    if _fault_counts[name] == int(count):
+        os.kill(os.getpid(), signal.Signals[signame or "SIGKILL"])
 
 
 _fault_counts: dict[str, int] = {}

@@ -49,8 +49,10 @@ def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_ru
     assert sorted(p.name for p in reference_run.iterdir()) == [
         "best.pt", "config.json", "curves.png", "last.pt", "metrics.csv"]
     metrics = pd.read_csv(reference_run / "metrics.csv")
-    assert list(metrics["epoch"]) == [1, 2]
+    assert list(metrics["epoch"]) == [0, 1, 2]  # epoch 0: the frozen backbone's own features, the yardstick
     assert metrics["val_map"].between(0, 1).all()
+    assert metrics["train_loss"].isna().tolist() == [True, False, False]
+    assert {"arcface", "triplet"} <= set(metrics.columns)  # the loss parts the criterion returns
     state = load_checkpoint(reference_run / "last.pt")
     assert state["status"] == "finished" and state["epoch"] == 2
     assert set(state["early_stopping"]) == {"best", "best_epoch", "bad_epochs"}
@@ -92,8 +94,8 @@ def test_sigterm_stops_cleanly_and_resumes(competition, reference_run, tmp_path)
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    assert "stopped cleanly" in stdout
+    assert proc.returncode == 128 + signal.SIGTERM, stderr  # `train && embed` must not go on
+    assert "stopped cleanly (SIGTERM)" in stdout and "Traceback" not in stderr
     state = load_checkpoint(out / "last.pt")
     assert state["status"] == "running" and state["epoch"] < 40
 

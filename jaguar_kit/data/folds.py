@@ -14,11 +14,14 @@ each identity always keeps at least one training image. They are listed in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..errors import JaguarKitError
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 FOLD_MODES = ("stratified", "identity")
 
@@ -110,4 +113,24 @@ def split_indices(assignment: FoldAssignment, fold: int) -> tuple[np.ndarray, np
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-__all__ = ["FoldAssignment", "make_folds", "split_indices", "FOLD_MODES"]
+@dataclass
+class FoldSplit:
+    train_idx: np.ndarray
+    val_idx: np.ndarray  # empty for fold -1
+
+
+def fold_split(labels: Sequence[str], data_cfg: "DataConfig", report: bool = False) -> FoldSplit:
+    """The training/validation split a config names: the one place training and inference decide it.
+
+    ``data_cfg.fold = -1`` trains on every image and validates none (the final model).
+    """
+    if data_cfg.fold < 0:
+        return FoldSplit(np.arange(len(labels)), np.array([], dtype=np.int64))
+    folds = make_folds(labels, data_cfg.num_folds, data_cfg.seed, data_cfg.split)
+    if report and folds.small_identities:
+        print(f"note: {len(folds.small_identities)} identities have fewer images than folds: "
+              f"{', '.join(map(str, folds.small_identities[:8]))}")
+    return FoldSplit(*split_indices(folds, data_cfg.fold))
+
+
+__all__ = ["FoldAssignment", "FoldSplit", "make_folds", "split_indices", "fold_split", "FOLD_MODES"]

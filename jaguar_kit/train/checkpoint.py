@@ -1,16 +1,24 @@
-"""Checkpoints: atomic writes, safe loads, RNG capture, resume discovery.
+"""Checkpoints and run folders: verified atomic files, safe loads, RNG capture, one writer.
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists saved with
 ``torch.save`` and read back with ``torch.load(weights_only=True)``: a file from an
-attached dataset can never run code when it is loaded.
+attached dataset can never run code when it is loaded. ``torch.save`` writes a zip
+archive whose members carry CRC-32s; every load checks them first, so a checkpoint with
+flipped bytes is reported as corrupted instead of loading as different weights.
+
+A run folder (``config.json``, ``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``)
+is one unit: resuming from an attached output brings all of it, and one process at a time
+writes it (an OS lock on ``.lock``, present only while a run is writing).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +30,34 @@ from ..files import atomic_path, fault_point
 
 LAST = "last.pt"
 BEST = "best.pt"
+LOCK = ".lock"
+RUN_FILES = ("config.json", "metrics.csv", "curves.png", BEST, LAST)  # copied in this order: last.pt last
+WEIGHT_KEYS = ("model", "criterion", "ema")
+
+
+class NonFiniteWeights(JaguarKitError):
+    """Refused to write a checkpoint whose weights hold NaN or infinity."""
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point weights in ``state`` that hold NaN or infinity."""
+    bad = []
+    for key in WEIGHT_KEYS:
+        for name, t in (state.get(key) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(f"{key}.{name}")
+    return bad
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: a kill at any instant leaves the previous file intact."""
+    """Write ``state`` atomically: a kill at any instant leaves the previous file intact.
+
+    Non-finite weights are never written: the previous file is kept and the caller told.
+    """
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteWeights(f"{path}: not written: {len(bad)} weight tensors are not finite ({bad[0]}, ...); "
+                             "the previous checkpoint is kept")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -33,21 +65,48 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             fault_point("checkpoint-write")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects; one-line errors otherwise."""
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint's archive before unpickling anything: what it is, whether it is whole.
+
+    Raises a one-line error saying which of "not a checkpoint", "truncated" or "corrupted".
+    """
     path = Path(path)
     if not path.is_file():
         raise JaguarKitError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        what = "empty" if not magic else "not a zip archive"
+        raise JaguarKitError(f"{path}: not a PyTorch checkpoint ({what}; torch.save writes a zip archive)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise JaguarKitError(f"{path}: truncated or damaged checkpoint (its zip directory is unreadable: {e})") from e
+    if bad is not None:
+        raise JaguarKitError(f"{path}: corrupted checkpoint ({bad} fails its CRC check); use another copy")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Load a verified checkpoint without unpickling arbitrary objects; one-line errors otherwise.
+
+    ``verify=False`` skips the CRC pass (which reads the whole file) for a quick look at
+    the metadata of a file that is verified before it is used.
+    """
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    elif not path.is_file():
+        raise JaguarKitError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=not verify)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JaguarKitError(
-            f"{path}: refused to load: the file holds pickled objects beyond tensors and plain "
-            f"data (possibly code), which is never executed ({first[:160]})"
+            f"{path}: refused: it holds Python objects other than tensors and plain data, and "
+            "loading them could run code (jaguar_kit checkpoints never do)"
         ) from e
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many types
-        raise JaguarKitError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged archive raises many types
+        raise JaguarKitError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:160]})") from e
     if not isinstance(state, dict) or "model" not in state:
         raise JaguarKitError(f"{path}: not a jaguar_kit checkpoint (no 'model' entry)")
     return state
@@ -79,42 +138,80 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def find_resume_checkpoint(run_dir: Path, fingerprint: str, search_roots: list[Path]) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start.
+class RunLock:
+    """One writer per run folder: an exclusive ``flock`` on ``RUN/.lock``, removed at exit.
 
-    The run folder is looked at first; it must hold the same config (a different one is an
-    error, never resumed silently). Then attached inputs (e.g. the previous kernel
-    version's output under /kaggle/input) are searched for the newest ``last.pt`` with the
-    same fingerprint, which is copied into the run folder.
+    The kernel drops the lock when the process dies, however it dies, so a killed run
+    never blocks the next one. A second writer stops with the holder's process id.
     """
-    own = run_dir / LAST
-    if own.is_file():
-        meta = load_checkpoint(own)
-        if meta.get("fingerprint") != fingerprint:
-            raise JaguarKitError(
-                f"{own}: made with another config (fingerprint {meta.get('fingerprint')} != "
-                f"{fingerprint}); use another --out, or --set train.resume=never to start over"
-            )
-        return own
-    candidates = []
-    for root in search_roots:
-        if not root.is_dir():
-            continue
-        for path in root.rglob(LAST):
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JaguarKitError(f"{self.path.parent}: cannot create the run folder ({e.strerror})") from e
+        while True:
             try:
-                meta = load_checkpoint(path)
-            except JaguarKitError:
-                continue
-            if meta.get("fingerprint") == fingerprint:
-                candidates.append(path)
-    if not candidates:
-        return None
-    newest = max(candidates, key=lambda p: (os.path.getmtime(p), str(p)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(own) as tmp:
-        shutil.copyfile(newest, tmp)
-    print(f"resuming from {newest} (copied to {own})")
-    return own
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise JaguarKitError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise JaguarKitError(
+                    f"{self.path.parent}: in use by process {holder} (another training run writes this folder); "
+                    "wait for it to finish or use another --out"
+                ) from None
+            try:  # the holder we waited for may have removed the file: lock the one on disk
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before closing: no one can lock it in between
+            os.close(self._fd)
+            self._fd = None
+
+
+def find_attached_runs(run_name: str, search_roots: list[Path]) -> list[Path]:
+    """Run folders named ``run_name`` holding a ``last.pt`` under the input roots, newest first.
+
+    On Kaggle the previous version's output is attached read-only under /kaggle/input;
+    only a folder with the same name as this run's is a candidate, so the folds of a
+    cross-validation never resume each other.
+    """
+    from ..kaggle.env import find_files
+
+    found = [p.parent for p in find_files(lambda name: name == LAST, roots=search_roots) if p.parent.name == run_name]
+    return sorted(found, key=lambda d: (os.path.getmtime(d / LAST), str(d)), reverse=True)
+
+
+def copy_run(src: Path, dst: Path) -> list[str]:
+    """Copy a run folder's files into ``dst`` (each atomically, ``last.pt`` last); returns their names.
+
+    A kill part-way leaves no ``last.pt``, so the next attempt copies again.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in RUN_FILES:
+        if (src / name).is_file():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+            copied.append(name)
+    return copied
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):

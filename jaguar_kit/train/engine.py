@@ -5,21 +5,30 @@ training kernel, the demo and the DDP launcher call. The run folder holds the co
 per-epoch metrics (CSV), the training curves (PNG) and two checkpoints, ``last.pt`` and
 ``best.pt``, rewritten atomically: disk use stays bounded however long the run.
 
-Exact resume: ``last.pt`` holds the model, EMA, criterion (ArcFace weights), optimiser,
-scheduler, grad scaler, early-stopping state, epoch, next batch within the epoch and every
-RNG. The PK batches are a pure function of (seed, epoch, rank) and augmentations are
-seeded per sample, so a run killed at any step and resumed ends with the same weights as
-an uninterrupted one (bitwise on CPU).
+Exact resume: :class:`TrainState` owns everything that changes while training (model,
+EMA, criterion, optimiser, scheduler, grad scaler, early stopping, position, history and
+every RNG) behind one symmetric ``state_dict`` / ``load_state_dict``. The PK batches are a
+pure function of (seed, epoch, rank) and augmentations are seeded per sample, so a run
+killed at any step and resumed ends with the same weights as an uninterrupted one
+(bitwise on CPU).
+
+What is never lost or silently wrong: Ctrl-C (SIGINT) and SIGTERM finish the step and
+write ``last.pt``; a non-finite loss stops the run and no non-finite weight is written; a
+resume checks the config (raising ``train.epochs`` extends a run, any other change is
+refused by name) and the training table; one process writes a run folder at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,23 +42,38 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, config_from_dict, diff_configs
 from ..data.competition import load_competition
 from ..data.dataset import ImageDataset, build_transform, sample_seed, worker_init
-from ..data.folds import make_folds, split_indices
+from ..data.folds import fold_split
 from ..data.prepare import prepare_images
 from ..data.sampler import PKSampler
-from ..device import select_device
+from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
 from ..losses import ReIDCriterion
 from ..metrics import identity_balanced_map
 from ..models import build_model
-from ..optim import build_optimizer, build_scheduler
-from .checkpoint import BEST, LAST, capture_rng, find_resume_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ..optim import build_optimizer, build_scheduler, lr_factor
+from .checkpoint import (
+    BEST,
+    LAST,
+    RunLock,
+    capture_rng,
+    copy_run,
+    find_attached_runs,
+    NonFiniteWeights,
+    load_checkpoint,
+    non_finite_tensors,
+    restore_rng,
+    save_checkpoint,
+)
+from .memory import MemoryPlan, fit_batch, probe_step
 
 CHECKPOINT_EVERY_S = 15 * 60  # a time-based `last.pt` between epochs, for hard kills
+EXTENDABLE = ("train.epochs", "train.patience")  # how long to train: may change when resuming
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -93,30 +117,264 @@ class TrainModule(nn.Module):
 
 
 @dataclass
+class TrainState:
+    """Everything that changes while training, saved and restored as one.
+
+    ``state_dict`` and ``load_state_dict`` are written side by side over the same fields,
+    so a field cannot be saved and forgotten on resume (or the reverse).
+    """
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    stopper: EarlyStopping
+    ema: nn.Module | None = None  # timm ModelEmaV3
+    epoch: int = 0  # finished epochs
+    next_batch: int = 0  # next batch within the epoch in progress
+    global_step: int = 0  # optimiser steps
+    status: str = "running"  # running | finished | early_stopped
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (0: frozen baseline)
+    sums: dict[str, float] = field(default_factory=dict)  # running loss sums of the epoch in progress
+
+    _MODULES = ("model", "criterion", "optimizer", "scheduler", "scaler", "stopper")
+    _VALUES = ("epoch", "next_batch", "global_step", "status", "history", "sums")
+
+    def state_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {name: getattr(self, name).state_dict() for name in self._MODULES}
+        d.update({name: getattr(self, name) for name in self._VALUES})
+        d["ema"] = None if self.ema is None else self.ema.module.state_dict()
+        d["rng"] = capture_rng()
+        return d
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for name in self._MODULES:
+            getattr(self, name).load_state_dict(d[name])
+        for name in self._VALUES:
+            setattr(self, name, d[name])
+        self.history, self.sums = list(self.history), dict(self.sums)
+        if self.ema is not None and d.get("ema") is not None:
+            self.ema.module.load_state_dict(d["ema"])
+        restore_rng(d["rng"])
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     status: str  # finished | early_stopped | interrupted
     epochs_done: int
     best_map: float | None
     history: list[dict[str, float]] = field(default_factory=list)
+    frozen_map: float | None = None  # the frozen backbone's own features on the same split (epoch 0)
+    stop_reason: str = ""  # interrupted: "SIGINT" (Ctrl-C), "SIGTERM" or "time budget"
 
     @property
     def best_checkpoint(self) -> Path:
         return self.run_dir / BEST
 
+    def summary(self) -> str:
+        best = "n/a" if self.best_map is None else f"{self.best_map:.4f}"
+        text = f"{self.run_dir}: {self.status} after {self.epochs_done} epochs, best val mAP {best}"
+        if self.frozen_map is not None and self.best_map is not None:
+            if self.best_map > self.frozen_map:
+                text += f" (frozen backbone {self.frozen_map:.4f}: +{self.best_map - self.frozen_map:.4f})"
+            else:
+                text += (f"; fine-tuning did NOT beat the frozen backbone ({self.frozen_map:.4f}): "
+                         "embed with frozen:BACKBONE instead, or train with a lower train.lr")
+        return text
+
+
+class TrainingDiverged(JaguarKitError):
+    """A non-finite loss or weight: the run stops and keeps its last finite checkpoint."""
+
+
+# --------------------------------------------------------------------------- signals
+
 
 @contextmanager
-def _stop_on_sigterm(flag: dict[str, bool]) -> Iterator[None]:
-    """SIGTERM (Kaggle stopping a session, a scheduler pre-empting) asks for a clean stop."""
+def _stop_on_signals(flag: dict[str, Any], announce: bool) -> Iterator[None]:
+    """SIGTERM (Kaggle, a scheduler) and SIGINT (Ctrl-C, Jupyter's Interrupt) ask for a clean stop.
+
+    The step in progress finishes and ``last.pt`` is written. A second Ctrl-C aborts at once
+    (the previous ``last.pt`` is intact).
+    """
+    def on_signal(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+        if announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt "
+                  "(Ctrl-C again to abort at once)", flush=True)
+
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: no handler, the time budget still applies
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C: the terminal sends it to the whole process group, and the
+    main process, not its workers, decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_init(worker_id)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class FoldData:
+    identities: np.ndarray  # identity of every training image
+    paths: np.ndarray  # its prepared image
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    classes: list[str]  # identities trained on; ArcFace class i is classes[i]
+    train_labels: np.ndarray  # class index of each train_idx image
+
+
+def training_table(data_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The validated competition and the run's record of its training table.
+
+    The record (``filename -> identity``) goes into every checkpoint, so a resume can say
+    exactly what changed in ``train.csv`` since the run started.
+    """
+    comp = load_competition(data_dir, check_images=True)
+    images = dict(zip(map(str, comp.train["filename"]), map(str, comp.train["identity"])))
+    digest = hashlib.sha256(json.dumps(sorted(images.items())).encode()).hexdigest()[:16]
+    return comp, {"digest": digest, "images": images}
+
+
+def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool) -> FoldData:
+    """Prepare the competition's training images and split off the fold."""
+    d = cfg.data
+    prepared = prepare_images(list(comp.train["path"]), prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
+                              workers=d.workers, progress=progress)
+    identities = comp.train["identity"].astype(str).to_numpy()
+    paths = np.array([str(prepared[name]) for name in comp.train["filename"]])
+    split = fold_split(identities, d, report=progress)
+    classes = sorted(set(identities[split.train_idx]))
+    class_of = {c: i for i, c in enumerate(classes)}
+    return FoldData(identities, paths, split.train_idx, split.val_idx, classes,
+                    np.array([class_of[i] for i in identities[split.train_idx]]))
+
+
+def check_trainable(cfg: Config) -> None:
+    """Settings that cannot train, refused before any work, naming the setting."""
+    tc, lc = cfg.train, cfg.loss
+    if tc.epochs < 1:
+        raise JaguarKitError(f"train.epochs={tc.epochs}: nothing to train (at least 1)")
+    if lc.triplet_weight > 0 and tc.p < 2:
+        raise JaguarKitError(f"train.p={tc.p}: the batch-hard triplet loss needs at least 2 identities per batch "
+                             "(or set loss.triplet_weight=0)")
+    if lc.triplet_weight > 0 and tc.k < 2:
+        raise JaguarKitError(f"train.k={tc.k}: the batch-hard triplet loss needs at least 2 images per identity "
+                             "(or set loss.triplet_weight=0)")
+    if tc.grad_accum < 1:
+        raise JaguarKitError(f"train.grad_accum={tc.grad_accum}: must be at least 1")
+    if tc.lr <= 0 or not math.isfinite(tc.lr):
+        raise JaguarKitError(f"train.lr={tc.lr}: must be a positive number")
+
+
+def _table_changes(old: dict[str, str], new: dict[str, str]) -> str:
+    """What changed between two ``filename -> identity`` tables, in words."""
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    relabelled = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+    new_ids = sorted(set(new.values()) - set(old.values()))
+    gone_ids = sorted(set(old.values()) - set(new.values()))
+    parts = []
+    for items, what in ((added, "image(s) added"), (removed, "image(s) removed"), (relabelled, "image(s) relabelled"),
+                        (new_ids, "identity(ies) added"), (gone_ids, "identity(ies) removed")):
+        if items:
+            parts.append(f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path | None  # None: a fresh start
+    messages: list[str] = field(default_factory=list)
+    extended: bool = False  # train.epochs / patience changed: the schedule is rebuilt
+
+
+def _requested(cfg: Config, memory_plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The result-deciding values of ``cfg`` with a stored memory plan applied (P lowered to fit)."""
+    fields = cfg.result_fields()
+    for dotted, value in memory_plan.items():
+        section, key = dotted.split(".", 1)
+        if key in fields.get(section, {}):
+            fields[section][key] = value
+    return fields
+
+
+def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots: list[Path]) -> ResumePlan:
+    """Decide where training starts: fresh, or from which ``last.pt``, and check it may.
+
+    ``train.resume``: ``auto`` takes the run folder's own ``last.pt``, else copies the newest
+    attached run folder of the same name (a previous Kaggle version's output) in whole;
+    ``never`` starts over; a path continues that checkpoint. Raising ``train.epochs`` (or
+    ``train.patience``) extends the run; any other changed setting is refused by name.
+    """
+    tc = cfg.train
+    plan = ResumePlan(None)
+    if tc.resume == "never":
+        return plan
+    if tc.resume not in ("auto", ""):
+        plan.checkpoint = Path(tc.resume)
+    elif (run_dir / LAST).is_file():
+        plan.checkpoint = run_dir / LAST
+    else:
+        candidates = find_attached_runs(run_dir.name, search_roots)
+        if not candidates:
+            return plan
+        src = candidates[0]
+        copied = copy_run(src, run_dir)
+        plan.messages.append(f"resuming the run attached at {src} (copied {', '.join(copied)} to {run_dir})")
+        plan.checkpoint = run_dir / LAST
+
+    meta = load_checkpoint(plan.checkpoint, verify=False)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise JaguarKitError(f"{plan.checkpoint}: written by jaguar_kit {meta.get('version', '?')} in another "
+                             "checkpoint format; start a new run (train.resume=never) or use model.init_from")
+    old = config_from_dict(meta["config"])
+    changes = diff_configs(_requested(old, {}), _requested(cfg, meta.get("memory_plan", {})))
+    refused = [c for c in changes if c[0] not in EXTENDABLE]
+    if refused:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        raise JaguarKitError(
+            f"{plan.checkpoint}: made with another config ({listed}); only train.epochs and train.patience may "
+            "change when resuming: restore the settings, use another --out, or --set train.resume=never to start over"
+        )
+    if changes:
+        plan.extended = True
+        plan.messages.append("changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in changes))
+    old_images = meta.get("data", {}).get("images", {})
+    if old_images and old_images != table["images"]:
+        what = _table_changes(old_images, table["images"])
+        if not tc.accept_data_change:
+            raise JaguarKitError(
+                f"{plan.checkpoint}: train.csv changed since this run started ({what}): resuming would move images "
+                "between training and validation. Use another --out (optionally --set model.init_from=THIS/last.pt), "
+                "or --set train.accept_data_change=true to continue on the new table"
+            )
+        if set(old_images.values()) != set(table["images"].values()):
+            raise JaguarKitError(f"{plan.checkpoint}: train.csv changed ({what}): the identities differ, so the ArcFace "
+                                 "head cannot continue; start a new run with --set model.init_from=THIS/last.pt")
+        plan.messages.append(f"continuing on a changed train.csv ({what}), as train.accept_data_change asks")
+    return plan
+
+
+# --------------------------------------------------------------------------- the loop
 
 
 def _seed_everything(seed: int) -> None:
@@ -128,6 +386,61 @@ def _seed_everything(seed: int) -> None:
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _device(cfg: Config, local_rank: int, world: int) -> DeviceInfo:
+    if world == 1:
+        return select_device(cfg.train.device)
+    info = select_device("cuda" if torch.cuda.is_available() else "cpu")
+    if info.device.type == "cuda":
+        info = select_device(f"cuda:{local_rank}")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo")
+    return info
+
+
+def _memory_probe_wanted(info: DeviceInfo) -> bool:
+    """Only a GPU's memory is tight enough to probe (the tests switch it on to inject an OOM on CPU)."""
+    return info.device.type == "cuda"
+
+
+def _fit_memory(cfg: Config, module: TrainModule, optimizer: torch.optim.Optimizer, n_classes: int,
+                info: DeviceInfo, world: int, announce: bool) -> dict[str, Any]:
+    """On CUDA, the probe step: gradient checkpointing, then a lower P, until a step fits.
+
+    Returns the changes as ``{"model.grad_checkpointing": True, "train.p": 6}`` (kept in the
+    checkpoint, so a resume applies the same plan); on CPU nothing changes.
+    """
+    if not _memory_probe_wanted(info):
+        return {}
+    tc, model = cfg.train, module.model
+    size = tuple(model.data_config["input_size"][-2:])
+
+    def try_step(p: int, ckpt: bool) -> int | None:
+        model.set_grad_checkpointing(ckpt)
+        return probe_step(module, optimizer, n_classes, p * tc.k, tc.k, size, info.device, info.amp_dtype)
+
+    plan: MemoryPlan = fit_batch(try_step, tc.p, tc.k, cfg.model.grad_checkpointing)
+    if world > 1:  # every rank trains with the most careful plan any rank needed
+        agreed = torch.tensor([plan.p, -int(plan.grad_checkpointing)], device=info.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        plan.p, plan.grad_checkpointing = int(agreed[0]), bool(-agreed[1])
+    model.set_grad_checkpointing(plan.grad_checkpointing)
+    if announce:
+        print(f"memory probe: {plan.describe()}")
+    changes: dict[str, Any] = {}
+    if plan.grad_checkpointing != cfg.model.grad_checkpointing:
+        changes["model.grad_checkpointing"] = plan.grad_checkpointing
+    if plan.p != tc.p:
+        changes["train.p"] = plan.p
+    return changes
+
+
+def _apply(cfg: Config, changes: dict[str, Any]) -> None:
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        setattr(getattr(cfg, section), key, value)
 
 
 def train(
@@ -142,245 +455,344 @@ def train(
 
     ``cfg.data.fold = -1`` trains on every training image without validation (the final
     model for a submission). Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs as DDP: each
-    rank draws its own PK batches, rank 0 alone validates and writes.
+    rank draws its own PK batches, rank 0 alone validates, writes and reports.
     """
+    import copy
+
     t_start = time.monotonic()
+    cfg = copy.deepcopy(cfg)
     run_dir = Path(run_dir)
     rank, local_rank, world = _dist_info()
     is_main = rank == 0
-    tc = cfg.train
+    progress = progress and is_main
+    check_trainable(cfg)
+    with RunLock(run_dir) if is_main else nullcontext():
+        return _train_locked(cfg, data_dir, run_dir, prepared_root, progress, resume_roots, t_start,
+                             rank, local_rank, world)
 
-    # --- data: validated up front, prepared once (by rank 0; the others read the cache) ----
-    device_info = select_device(tc.device if world == 1 else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1:
-        if device_info.device.type == "cuda":
-            device_info = select_device(f"cuda:{local_rank}")
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_info.device.type == "cuda" else "gloo")
-    prepared_root = Path(prepared_root) if prepared_root else run_dir.parent / "prepared"
+
+def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_root: str | Path | None,
+                  progress: bool, resume_roots: list[Path] | None, t_start: float, rank: int, local_rank: int,
+                  world: int) -> TrainResult:
+    is_main = rank == 0
+    tc = cfg.train
+    info = _device(cfg, local_rank, world)
+
+    # --- the table, the resume decision, the model: all before any image is prepared -----
+    comp, table = training_table(data_dir)
     if is_main:
-        data = _fold_data(cfg, data_dir, prepared_root, progress)
+        remove_stale_temporaries(run_dir)  # we hold the lock: no other writer's temporaries
+        roots = resume_roots if resume_roots is not None else _default_resume_roots()
+        plan = plan_resume(cfg, run_dir, table, roots)
+        for m in plan.messages:
+            print(m)
     if world > 1:
         dist.barrier()
-        if not is_main:
-            data = _fold_data(cfg, data_dir, prepared_root, progress=False)
-    device = device_info.device
-    identities, prepared_paths, train_idx, val_idx = data.identities, data.paths, data.train_idx, data.val_idx
-    classes, train_labels = data.classes, data.train_labels
-
-    # --- model, loss, optimiser ----------------------------------------------------------
-    _seed_everything(tc.seed)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    model = build_model(cfg.model)  # also switches on gradient checkpointing when configured
-    criterion = ReIDCriterion(cfg.loss, cfg.model.embedding_dim, len(classes))
-    module = TrainModule(model, criterion).to(device)
-    optimizer = build_optimizer(model, criterion, tc)
-    sampler = PKSampler(train_labels, tc.p, tc.k, seed=tc.seed, steps_per_epoch=tc.steps_per_epoch or None,
-                        rank=rank, world_size=world)
-    batches_per_epoch = max(tc.grad_accum, len(sampler) // tc.grad_accum * tc.grad_accum)
-    steps_per_epoch = batches_per_epoch // tc.grad_accum
-    scheduler = build_scheduler(optimizer, tc.epochs * steps_per_epoch, int(tc.warmup_epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=device_info.use_grad_scaler)
-    ema = None
-    if tc.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=tc.ema_decay)
-    stopper = EarlyStopping(tc.patience, tc.min_delta)
-    history: list[dict[str, float]] = []
-    epoch, next_batch, global_step, status = 0, 0, 0, "running"
-    sums = {"loss": 0.0, "arcface": 0.0, "triplet": 0.0, "n": 0}  # running means of the epoch in progress
-
-    # --- resume --------------------------------------------------------------------------
-    fingerprint = cfg.fingerprint()
-    ckpt_path = None
-    if tc.resume == "auto":
-        roots = resume_roots if resume_roots is not None else _default_resume_roots()
-        ckpt_path = find_resume_checkpoint(run_dir, fingerprint, roots) if is_main else run_dir / LAST
-        if world > 1:
-            dist.barrier()
-            ckpt_path = run_dir / LAST if (run_dir / LAST).is_file() else None
-    elif tc.resume not in ("never", ""):
-        ckpt_path = Path(tc.resume)
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") != fingerprint and tc.resume == "auto":
-            raise JaguarKitError(f"{ckpt_path}: made with another config; refusing to resume it")
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        stopper.load_state_dict(state["early_stopping"])
-        epoch, next_batch, global_step = state["epoch"], state["next_batch"], state["global_step"]
-        history, status, sums = list(state["history"]), state["status"], dict(state["epoch_sums"])
-        restore_rng(state["rng"])
+        if not is_main:  # rank 0 has checked and copied; the others follow the run folder
+            plan = ResumePlan(run_dir / LAST if (run_dir / LAST).is_file() else None)
+    saved = load_checkpoint(plan.checkpoint) if plan.checkpoint is not None else None
+    if saved is not None and saved["status"] != "running" and not plan.extended:
+        # A finished run attached again: re-published whole, nothing prepared or retrained.
         if is_main:
-            print(f"resumed {ckpt_path}: epoch {epoch}, batch {next_batch}, status {status}")
-        if status in ("finished", "early_stopped"):
-            return TrainResult(run_dir, status, epoch, _best(stopper), history)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if plan.checkpoint != run_dir / LAST:
+                copy_run(plan.checkpoint.parent, run_dir)
+            _write_metrics(run_dir, saved["history"])
+            print(f"this run is already {saved['status'].replace('_', ' ')} after {saved['epoch']} epochs "
+                  f"(kept in {run_dir}); raise train.epochs to train longer")
+        stopper = EarlyStopping(tc.patience, tc.min_delta)
+        stopper.load_state_dict(saved["stopper"])
+        return _result(run_dir, saved["status"], saved["epoch"], stopper, saved["history"])
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)
-        cfg.save(run_dir / "config.json")
-        print(f"training on {device_info.description}; {len(train_idx)} train / {len(val_idx)} val images, "
-              f"{len(classes)} identities, {batches_per_epoch} batches of {tc.p}x{tc.k} per epoch")
+    trainer = Trainer(cfg, info, run_dir, comp, table, saved, rank, world, progress, t_start,
+                      Path(prepared_root) if prepared_root else _default_prepared_root(run_dir))
+    if saved is not None:
+        trainer.resume(saved, plan)
+        del saved
+    elif is_main and len(trainer.data.val_idx):
+        trainer.validate_frozen()
+    if trainer.state.status != "running" or trainer.state.epoch >= tc.epochs:  # extended, not beyond what is done
+        return trainer.close_finished()
+    return trainer.fit()
 
-    size = tuple(model.data_config["input_size"])[-2:]
-    mean, std = model.data_config["mean"], model.data_config["std"]
-    train_ds = ImageDataset(prepared_paths[train_idx], train_labels, build_transform(
-        size, mean, std, train=True, augment=tc.augment, hflip=tc.hflip))
-    val_ds = ImageDataset(prepared_paths[val_idx], None, build_transform(size, mean, std, train=False))
-    ddp_module = module
-    if world > 1:
-        ddp_module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    def checkpoint(path: Path, status_: str) -> None:
-        if not is_main:
-            return
-        save_checkpoint(path, {
-            "format": 1, "version": __version__, "config": cfg.to_dict(), "fingerprint": fingerprint,
-            "classes": list(map(str, classes)), "model": model.state_dict(),
-            "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": None if ema is None else ema.module.state_dict(),
-            "early_stopping": stopper.state_dict(), "epoch": epoch, "next_batch": next_batch,
-            "global_step": global_step, "history": history, "status": status_, "epoch_sums": sums,
-            "rng": capture_rng(),
-        })
+class Trainer:
+    """One training session of a run: built from the config (and a checkpoint), then :meth:`fit`.
 
-    stop = {"stop": False}
-    budget_s = tc.time_budget_h * 3600
-    last_save = time.monotonic()
-    with _stop_on_sigterm(stop):
-        while epoch < tc.epochs and status == "running":
-            module.train()
-            batches = sampler.batches(epoch)[:batches_per_epoch]
-            items = [[(i, sample_seed(tc.seed, epoch, b, j) + rank) for j, i in enumerate(batch)]
-                     for b, batch in enumerate(batches)]
-            loader = DataLoader(train_ds, batch_sampler=items[next_batch:], num_workers=cfg.data.workers,
-                                pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                                # its own generator: creating a loader must not draw from the global RNG
-                                generator=torch.Generator().manual_seed(tc.seed + epoch))
-            bar = tqdm(loader, total=batches_per_epoch, initial=next_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                       disable=not (progress and is_main), leave=False)
+    Holds what the loop needs (model, data, :class:`TrainState`) so each step of the loop is
+    a method; the state to save is ``self.state`` and nothing else.
+    """
+
+    def __init__(self, cfg: Config, info: DeviceInfo, run_dir: Path, comp: Any, table: dict[str, Any],
+                 saved: dict[str, Any] | None, rank: int, world: int, progress: bool, t_start: float,
+                 prepared_root: Path) -> None:
+        tc = cfg.train
+        self.cfg, self.info, self.run_dir, self.table = cfg, info, run_dir, table
+        self.rank, self.world, self.is_main, self.progress, self.t_start = rank, world, rank == 0, progress, t_start
+        self.memory_plan: dict[str, Any] = dict(saved.get("memory_plan", {})) if saved else {}
+        _apply(cfg, self.memory_plan)
+
+        _seed_everything(tc.seed)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # The weights are resolved (or refused) here, before any image is prepared. A resumed
+        # run takes every weight from its checkpoint: the pretrained source need not be attached.
+        model = build_model(dataclasses.replace(cfg.model, weights="none", init_from="") if saved else cfg.model)
+        if self.is_main and model.weights_report is not None:
+            print(f"weights: {model.weights_report.summary()}")
+
+        self.data = data = _fold_data(cfg, comp, prepared_root, progress)
+        if len(data.classes) < 2:
+            raise JaguarKitError(f"only {len(data.classes)} identity in the training split of train.csv; "
+                                 "re-identification training needs at least 2")
+        if saved is not None and list(saved["classes"]) != list(data.classes):
+            raise JaguarKitError(f"{run_dir / LAST}: trained on other identities than this fold's; start a new run")
+
+        criterion = ReIDCriterion(cfg.loss, cfg.model.embedding_dim, len(data.classes))
+        self.module = module = TrainModule(model, criterion).to(info.device)
+        optimizer = build_optimizer(model, criterion, tc)
+        ema = None
+        if tc.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(model, decay=tc.ema_decay)
+        if saved is None:
+            self.memory_plan = _fit_memory(cfg, module, optimizer, len(data.classes), info, world,
+                                           announce=self.is_main)
+            _apply(cfg, self.memory_plan)
+
+        self.sampler = PKSampler(data.train_labels, tc.p, tc.k, seed=tc.seed,
+                                 steps_per_epoch=tc.steps_per_epoch or None, rank=rank, world_size=world)
+        self.batches_per_epoch = max(tc.grad_accum, len(self.sampler) // tc.grad_accum * tc.grad_accum)
+        self.steps_per_epoch = self.batches_per_epoch // tc.grad_accum
+        self.warmup_steps = int(tc.warmup_epochs * self.steps_per_epoch)
+        scheduler = build_scheduler(optimizer, tc.epochs * self.steps_per_epoch, self.warmup_steps)
+        self.state = TrainState(model, criterion, optimizer, scheduler,
+                                torch.amp.GradScaler(info.device.type, enabled=info.use_grad_scaler),
+                                EarlyStopping(tc.patience, tc.min_delta), ema)
+
+        size = tuple(model.data_config["input_size"])[-2:]
+        mean, std = model.data_config["mean"], model.data_config["std"]
+        self.train_ds = ImageDataset(data.paths[data.train_idx], data.train_labels, build_transform(
+            size, mean, std, train=True, augment=tc.augment, hflip=tc.hflip))
+        self.val_ds = ImageDataset(data.paths[data.val_idx], None, build_transform(size, mean, std, train=False))
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.json")
+            print(f"training on {info.description}; {len(data.train_idx)} train / {len(data.val_idx)} val images, "
+                  f"{len(data.classes)} identities, {self.batches_per_epoch} batches of {tc.p}x{tc.k} per epoch")
+
+    # --- starting points ---------------------------------------------------------------
+
+    def resume(self, saved: dict[str, Any], plan: ResumePlan) -> None:
+        self.state.load_state_dict(saved)
+        if plan.extended:
+            _extend(self.state, self.cfg, self.steps_per_epoch, self.warmup_steps, announce=self.is_main)
+        if self.is_main:
+            s = self.state
+            print(f"resumed {plan.checkpoint}: epoch {s.epoch}, batch {s.next_batch}, status {s.status}")
+
+    def validate_frozen(self) -> None:
+        """Epoch 0: what the pretrained backbone's own features score on the same split."""
+        score_map, rank1 = self.validate(frozen=True)
+        self.state.history.append({"epoch": 0, "val_map": score_map, "val_rank1": rank1})
+        print(f"epoch 0 (frozen backbone): val mAP {score_map:.4f}  rank-1 {rank1:.4f}")
+
+    def close_finished(self) -> TrainResult:
+        """Extended to no more epochs than are done: mark finished, write, report."""
+        s = self.state
+        s.status = "finished" if s.status == "running" else s.status
+        if self.is_main:
+            self.checkpoint(self.run_dir / LAST)
+            _write_metrics(self.run_dir, s.history)
+            print(f"already {s.epoch} epochs done, train.epochs={self.cfg.train.epochs}: nothing more to train")
+        return _result(self.run_dir, s.status, s.epoch, s.stopper, s.history)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        s, tc = self.state, self.cfg.train
+        self.ddp_module: nn.Module = self.module
+        if self.world > 1:
+            device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            self.ddp_module = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+        self.stop: dict[str, Any] = {"stop": ""}
+        self.last_save = time.monotonic()
+        with _stop_on_signals(self.stop, announce=self.is_main):
+            while s.epoch < tc.epochs and s.status == "running":
+                if self.train_epoch():
+                    reason = self.stop["stop"] or "time budget"
+                    self.checkpoint(self.run_dir / LAST)
+                    if self.is_main:
+                        why = self.stop["stop"] or f"time budget of {tc.time_budget_h:g} h reached"
+                        print(f"stopped cleanly ({why}) at epoch {s.epoch + 1}, batch {s.next_batch}: "
+                              f"{self.run_dir / LAST} saved; run the same command again to resume")
+                    return _result(self.run_dir, "interrupted", s.epoch, s.stopper, s.history, reason)
+                self.end_epoch()
+        return _result(self.run_dir, s.status, s.epoch, s.stopper, s.history)
+
+    def train_epoch(self) -> bool:
+        """The rest of the epoch in progress; True if it stopped early (signal or time budget)."""
+        s, tc, cfg, device = self.state, self.cfg.train, self.cfg, self.info.device
+        self.module.train()
+        epoch = s.epoch
+        batches = self.sampler.batches(epoch)[:self.batches_per_epoch]
+        items = [[(i, sample_seed(tc.seed, epoch, b, j) + self.rank) for j, i in enumerate(batch)]
+                 for b, batch in enumerate(batches)]
+        loader = DataLoader(self.train_ds, batch_sampler=items[s.next_batch:], num_workers=cfg.data.workers,
+                            pin_memory=device.type == "cuda", worker_init_fn=_loader_worker_init,
+                            # its own generator: creating a loader must not draw from the global RNG
+                            generator=torch.Generator().manual_seed(tc.seed + epoch))
+        with tqdm(loader, total=self.batches_per_epoch, initial=s.next_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                  disable=not self.progress, leave=False) as bar:
             for x, y, _ in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=device_info.amp_dtype, enabled=device_info.amp_dtype is not None):
-                    loss, parts = ddp_module(x, y)
-                scaler.scale(loss / tc.grad_accum).backward()
-                next_batch += 1
-                sums["loss"] += float(loss.detach())
-                sums["arcface"] += float(parts["arcface"])
-                sums["triplet"] += float(parts["triplet"])
-                sums["n"] += 1
-                if next_batch % tc.grad_accum:
-                    continue
-                if tc.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(module.parameters(), tc.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                fault_point("train-step")
-                if ema is not None:
-                    ema.update(model, step=global_step)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                stop_now = stop["stop"] or time.monotonic() - t_start > budget_s
-                if world > 1:
+                loss = self.step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                if loss is None:
+                    continue  # gradient accumulation: no optimiser step yet
+                bar.set_postfix(loss=f"{loss:.3f}")
+                stop_now = bool(self.stop["stop"]) or time.monotonic() - self.t_start > tc.time_budget_h * 3600
+                if self.world > 1:
                     flag = torch.tensor([float(stop_now)], device=device)
                     dist.all_reduce(flag)
                     stop_now = bool(flag.item())
                 if stop_now:
-                    status = "interrupted"
-                    break
-                due = tc.checkpoint_every and global_step % tc.checkpoint_every == 0
-                if (due or time.monotonic() - last_save > CHECKPOINT_EVERY_S) and next_batch < batches_per_epoch:
-                    checkpoint(run_dir / LAST, "running")
-                    last_save = time.monotonic()
-            bar.close()
-            if status == "interrupted":
-                break
+                    return True
+                due = tc.checkpoint_every and s.global_step % tc.checkpoint_every == 0
+                if (due or time.monotonic() - self.last_save > CHECKPOINT_EVERY_S) and \
+                        s.next_batch < self.batches_per_epoch:
+                    self.checkpoint(self.run_dir / LAST)
+                    self.last_save = time.monotonic()
+        return False
 
-            # --- end of epoch: validate, early-stop, write ----------------------------
-            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
-                   "arcface": sums["arcface"] / max(sums["n"], 1), "triplet": sums["triplet"] / max(sums["n"], 1),
-                   "lr": optimizer.param_groups[-1]["lr"], "val_map": float("nan"), "val_rank1": float("nan")}
-            improved = False
-            if is_main and len(val_idx) and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
-                eval_model = ema.module if ema is not None else model
-                emb = compute_embeddings(eval_model, val_ds, device, batch_size=tc.p * tc.k,
-                                         workers=cfg.data.workers, amp_dtype=device_info.amp_dtype)
-                score = identity_balanced_map(emb @ emb.T, identities[val_idx])
-                row["val_map"], row["val_rank1"] = score.map, score.rank1
-                improved = stopper.update(score.map, epoch + 1)
-            elif not len(val_idx):
-                improved = True  # no validation: the newest model is the best we know
-            row["elapsed_s"] = time.monotonic() - t_start
-            history.append(row)
-            epoch, next_batch = epoch + 1, 0
-            sums = dict.fromkeys(sums, 0)
-            if stopper.should_stop:
-                status = "early_stopped"
-            elif epoch >= tc.epochs:
-                status = "finished"
-            if is_main:
-                if improved:
-                    checkpoint(run_dir / BEST, status)
-                checkpoint(run_dir / LAST, status)
-                last_save = time.monotonic()
-                _write_metrics(run_dir, history)
-                print(_epoch_line(row, improved))
-            if world > 1:
-                dist.barrier()
-        if status == "interrupted":
-            checkpoint(run_dir / LAST, "running")
-            if is_main:
-                print(f"stopped cleanly at epoch {epoch}, batch {next_batch}; run again to resume")
-    return TrainResult(run_dir, status, epoch, _best(stopper), history)
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """Forward and backward one batch; after every ``grad_accum`` batches an optimiser step.
+
+        Returns the batch loss once an optimiser step was taken (else None). A non-finite
+        loss (or, without a GradScaler, gradient) stops the run before anything is saved.
+        """
+        s, tc, info = self.state, self.cfg.train, self.info
+        with torch.autocast(info.device.type, dtype=info.amp_dtype, enabled=info.amp_dtype is not None):
+            loss, parts = self.ddp_module(x, y)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise self._diverged(f"the loss is {loss_value}")
+        s.scaler.scale(loss / tc.grad_accum).backward()
+        s.next_batch += 1
+        for name, value in {"loss": loss_value, **{k: float(v) for k, v in parts.items()}, "n": 1}.items():
+            s.sums[name] = s.sums.get(name, 0.0) + value
+        if s.next_batch % tc.grad_accum:
+            return None
+        s.scaler.unscale_(s.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), tc.clip_grad if tc.clip_grad > 0 else math.inf)
+        if not info.use_grad_scaler and not torch.isfinite(grad_norm):
+            raise self._diverged("the gradient is not finite")  # (with a GradScaler an overflow only skips the step)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scheduler.step()
+        s.global_step += 1
+        fault_point("train-step")
+        if s.ema is not None:
+            s.ema.update(s.model, step=s.global_step)
+        return loss_value
+
+    def end_epoch(self) -> None:
+        """Validate, early-stop, write the checkpoints, metrics and curves."""
+        s, tc = self.state, self.cfg.train
+        epoch = s.epoch + 1
+        n = max(s.sums.get("n", 0), 1)
+        row = {"epoch": epoch, "train_loss": s.sums.get("loss", 0.0) / n,
+               **{k: v / n for k, v in s.sums.items() if k not in ("loss", "n")},
+               "lr": s.optimizer.param_groups[-1]["lr"], "val_map": float("nan"), "val_rank1": float("nan")}
+        improved = False
+        has_val = len(self.data.val_idx) > 0
+        if self.is_main and has_val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
+            row["val_map"], row["val_rank1"] = self.validate()
+            improved = s.stopper.update(row["val_map"], epoch)
+        elif not has_val:
+            improved = True  # no validation: the newest model is the best we know
+        row["elapsed_s"] = time.monotonic() - self.t_start
+        s.history.append(row)
+        s.epoch, s.next_batch, s.sums = epoch, 0, {}
+        if s.stopper.should_stop:
+            s.status = "early_stopped"
+        elif s.epoch >= tc.epochs:
+            s.status = "finished"
+        if self.is_main:
+            if improved:
+                self.checkpoint(self.run_dir / BEST)
+            self.checkpoint(self.run_dir / LAST)
+            self.last_save = time.monotonic()
+            _write_metrics(self.run_dir, s.history)
+            print(_epoch_line(row, improved))
+        if self.world > 1:
+            dist.barrier()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def validate(self, frozen: bool = False) -> tuple[float, float]:
+        """Identity-balanced mAP and rank-1 on the validation images (EMA weights when kept)."""
+        s = self.state
+        model: nn.Module = s.ema.module if s.ema is not None and not frozen else s.model
+        if frozen:
+            from ..models import FrozenBackbone
+
+            model = FrozenBackbone(s.model.backbone, s.model.spec)
+        was_training = model.training
+        emb = compute_embeddings(model.eval(), self.val_ds, self.info.device, batch_size=self.cfg.train.p * self.cfg.train.k,
+                                 workers=self.cfg.data.workers, amp_dtype=self.info.amp_dtype)
+        model.train(was_training)
+        score = identity_balanced_map(emb @ emb.T, self.data.identities[self.data.val_idx])
+        return score.map, score.rank1
+
+    def checkpoint(self, path: Path) -> None:
+        """Write the run's state to ``path`` (rank 0); non-finite weights stop the run instead."""
+        if not self.is_main:
+            return
+        cfg = self.cfg
+        payload = {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.to_dict(),
+                   "fingerprint": cfg.fingerprint(), "classes": list(map(str, self.data.classes)),
+                   "memory_plan": self.memory_plan, "data": self.table, **self.state.state_dict()}
+        try:
+            save_checkpoint(path, payload)
+        except NonFiniteWeights as e:
+            raise self._diverged(f"{len(non_finite_tensors(payload))} weight tensors are not finite") from e
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        s = self.state
+        return TrainingDiverged(
+            f"training diverged at epoch {s.epoch + 1}, step {s.global_step + 1}: {what} "
+            f"(train.lr={self.cfg.train.lr:g}); lower train.lr. Nothing non-finite was saved: "
+            f"{self.run_dir / LAST} keeps the last finite state")
 
 
-@dataclass
-class FoldData:
-    identities: np.ndarray  # identity of every training image
-    paths: np.ndarray  # its prepared image
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    classes: list[str]  # identities trained on; ArcFace class i is classes[i]
-    train_labels: np.ndarray  # class index of each train_idx image
+def _extend(state: TrainState, cfg: Config, steps_per_epoch: int, warmup_steps: int, announce: bool) -> None:
+    """Continue a run under a changed ``train.epochs`` / ``train.patience``.
+
+    The cosine schedule is rebuilt over the new total and continues from the current step:
+    a finished run that gets more epochs restarts warm from the rate its new position on
+    the longer cosine gives, then decays to 0 at the new end.
+    """
+    tc = cfg.train
+    total = tc.epochs * steps_per_epoch
+    state.stopper.patience = tc.patience
+    state.scheduler = build_scheduler(state.optimizer, total, warmup_steps)
+    state.scheduler.last_epoch = state.global_step
+    factor = lr_factor(state.global_step, total, warmup_steps)
+    for group, base in zip(state.optimizer.param_groups, state.scheduler.base_lrs):
+        group["lr"] = base * factor
+    if state.status == "finished" or (state.status == "early_stopped" and not state.stopper.should_stop):
+        state.status = "running"
+    if announce:
+        print(f"extending to {tc.epochs} epochs (patience {tc.patience}) from epoch {state.epoch}: the cosine schedule "
+              f"is rebuilt over {tc.epochs} epochs and continues at {factor:.2f} x the peak rate")
 
 
-def _fold_data(cfg: Config, data_dir: str | Path, prepared_root: Path, progress: bool) -> FoldData:
-    """Validate the competition folder, prepare its images, split off the fold."""
-    comp = load_competition(data_dir, check_images=True)
-    d = cfg.data
-    prepared = prepare_images(list(comp.train["path"]), prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
-                              workers=d.workers, progress=progress)
-    identities = comp.train["identity"].to_numpy()
-    paths = np.array([str(prepared[name]) for name in comp.train["filename"]])
-    if d.fold >= 0:
-        folds = make_folds(identities, d.num_folds, d.seed, d.split)
-        train_idx, val_idx = split_indices(folds, d.fold)
-        if progress and folds.small_identities:
-            print(f"note: {len(folds.small_identities)} identities have fewer images than folds: "
-                  f"{', '.join(map(str, folds.small_identities[:8]))}")
-    else:  # fold -1: every image trains, nothing validates (the final model for a submission)
-        train_idx, val_idx = np.arange(len(identities)), np.array([], dtype=int)
-    classes = sorted(set(identities[train_idx]))
-    class_of = {c: i for i, c in enumerate(classes)}
-    return FoldData(identities, paths, train_idx, val_idx, classes, np.array([class_of[i] for i in identities[train_idx]]))
-
-
-def _best(stopper: EarlyStopping) -> float | None:
-    return None if stopper.best == -math.inf else stopper.best
+def _result(run_dir: Path, status: str, epochs: int, stopper: EarlyStopping, history: list[dict[str, float]],
+            stop_reason: str = "") -> TrainResult:
+    frozen = next((r["val_map"] for r in history if r.get("epoch") == 0), None)
+    best = None if stopper.best == -math.inf else stopper.best
+    return TrainResult(run_dir, status, epochs, best, history, frozen, stop_reason)
 
 
 def _epoch_line(row: dict[str, float], improved: bool) -> str:
@@ -400,9 +812,15 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 def _default_resume_roots() -> list[Path]:
-    from ..kaggle.env import input_root
+    from ..kaggle.env import input_roots
 
-    return [input_root()]
+    return input_roots()
+
+
+def _default_prepared_root(run_dir: Path) -> Path:
+    from ..kaggle.env import is_kaggle, prepared_dir
+
+    return prepared_dir() if is_kaggle() else run_dir.parent / "prepared"
 
 
 def train_folds(cfg: Config, data_dir: str | Path, out_dir: str | Path, folds: list[int] | None = None,
@@ -428,8 +846,8 @@ def launch_ddp(config_path: str | Path, data_dir: str | Path, run_dir: str | Pat
                extra: list[str] | None = None) -> int:
     """Run :func:`train` on ``nproc`` processes with torchrun (Kaggle's T4 x2).
 
-    Started as a subprocess because spawning from a notebook's ``__main__`` fails
-    (facts.md). Returns torchrun's exit status.
+    Started as a subprocess because multiprocessing's spawn cannot re-import a notebook's
+    ``__main__``. Returns torchrun's exit status.
     """
     import subprocess
     import sys
@@ -439,5 +857,3 @@ def launch_ddp(config_path: str | Path, data_dir: str | Path, run_dir: str | Pat
            "--out", str(run_dir), *(extra or [])]
     print(" ".join(cmd))
     return subprocess.call(cmd)
-
-
