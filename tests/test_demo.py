@@ -33,7 +33,24 @@ def test_demo_writes_report_submission_and_pictures(competition, tmp_path, capsy
     assert "report.md" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["synth", "prepare", "train", "embed", "score", "submit", "demo", "kaggle"])
+def test_demo_finishes_with_its_report_however_slow_the_machine(competition, tmp_path):
+    # a budget that ends inside the first epoch: the demo still trains one whole epoch and reports it
+    report = run_demo(data=competition, out=tmp_path / "demo", overrides=[*TINY_OVERRIDES, "train.epochs=3"],
+                      progress=False, minutes=1e-5)
+    assert report["training"]["epochs"] == 1 and report["training"]["epochs_planned"] == 3
+    assert (tmp_path / "demo" / "run" / "best.pt").is_file()
+    assert "Fine-tuning: 1 of 3 epochs" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_demo_sizes_epochs_to_the_budget():
+    from jaguar_kit.demo import sized_epochs
+
+    assert sized_epochs(600, 0.01, 1000, 100, planned=10) == 10  # 31 s an epoch: all ten fit
+    assert sized_epochs(600, 0.1, 1000, 100, planned=10) == 1  # 310 s an epoch: one
+    assert sized_epochs(1, 1.0, 1000, 100, planned=10) == 1  # never zero
+
+
+@pytest.mark.parametrize("command", ["synth", "prepare", "train", "embed", "score", "submit", "demo", "kaggle", "config"])
 def test_every_stage_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
