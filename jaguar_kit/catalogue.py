@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -398,7 +398,7 @@ class Catalogue:
                           list(map(str, z["paths"])), z["boxes"], z["embeddings"], thumbs, header["model"],
                           Calibration.from_dict(header.get("calibration")), list(header.get("warnings", [])),
                           path.parent)
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise JaguarKitError(f"{path}: not a readable jaguar_kit catalogue ({type(e).__name__}: {e})") from e
         if header.get("format") != FORMAT_VERSION:
             raise JaguarKitError(f"{path}: catalogue format {header.get('format')}, this jaguar_kit reads {FORMAT_VERSION}")
