@@ -92,12 +92,14 @@ print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).pare
 
 # %% [markdown]
 # ## Settings
+# Any other config value: add `"section.key=value"` to `OVERRIDES`, e.g. `"embed.tta=hflip"` (the
+# sections and keys are those of `jaguar_kit/config.py`). The cell is tagged `parameters` for papermill.
 
 # %% tags=["parameters"]
 CHECKPOINT_NAME = "best.pt"  # which checkpoint of each attached training run
 SPLITS = ["test"]  # what submission reads; add "train" only for a step that uses train embeddings
 MEASURE_TTA = False  # True: score none / hflip / flip4 on the attached run's validation fold first
-OVERRIDES = []  # more settings as "section.key=value", e.g. "embed.tta=hflip", "embed.chunk_size=100"
+OVERRIDES = []  # more settings, written as described above (embed.tta, embed.chunk_size, ...)
 
 # %% [markdown]
 # ## Models and data

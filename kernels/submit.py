@@ -85,12 +85,15 @@ print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).pare
 # ## Settings
 # Fourth place used k1=20, lambda=0.3 and query expansion over the top 3; re-ranking is not a
 # fixed win (+0.01 to +0.02 on Round 1, a loss on a Round 2 validation set): compare on your folds.
+# Any other config value: add `"section.key=value"` to `OVERRIDES`. The cell is tagged `parameters`.
 
 # %% tags=["parameters"]
 RERANK = True  # k-reciprocal re-ranking
-K1, K2, LAMBDA = 20, 6, 0.3  # re-ranking: neighbourhood, local expansion, weight of the original distance
+K1 = 20  # re-ranking: size of the k-reciprocal neighbourhood
+K2 = 6  # re-ranking: local query expansion
+LAMBDA = 0.3  # re-ranking: weight of the original distance
 QUERY_EXPANSION_K = 3  # 0: off
-OVERRIDES = []  # more settings as "section.key=value"
+OVERRIDES = []  # more settings, written as described above
 
 # %% [markdown]
 # ## Similarities, re-ranking, submission.csv

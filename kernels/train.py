@@ -102,7 +102,7 @@ BACKBONE = "megadescriptor-l-384"  # eva02-l-448, dinov2-l-reg4-518, megadescrip
 WEIGHTS = "auto"  # auto: an attached copy, else the Hugging Face hub when Internet is on; none; hf-hub:ORG/NAME
 FOLD = 0  # validation fold; -1 trains on every image (the final model for a submission)
 EPOCHS = 20  # raise it and run again with this notebook's output attached to train a finished run longer
-OVERRIDES = []  # more settings as "section.key=value", e.g. "train.p=4"
+OVERRIDES = []  # more settings, written as described above
 
 # %% [markdown]
 # ## Train

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jupytext
+import nbformat
 import pytest
 
 from conftest import REPO
@@ -51,6 +52,12 @@ def test_kernel_reads_as_a_notebook_with_visible_titles_and_one_parameters_cell(
     built = json.loads(build_notebook(REPO / "kernels" / f"{kernel}.py", tmp_path).read_text())
     params = [c for c in built["cells"] if "parameters" in c["metadata"].get("tags", [])]
     assert len(params) == 1 and "OVERRIDES = []" in "".join(params[0]["source"])
+    # papermill can read every setting (an "=" in a comment, or a tuple assignment, hides it)
+    from papermill.translators import PythonTranslator
+
+    names = [p.name for p in PythonTranslator.inspect(nbformat.from_dict({**params[0], "source": "".join(params[0]["source"])}))]
+    assigned = [ln.split("=")[0].strip() for ln in tagged[0].source.splitlines() if ln and not ln.startswith("#")]
+    assert names == assigned and "OVERRIDES" in names
     assert [c["cell_type"] for c in built["cells"]].count("markdown") >= 4
 
 
