@@ -278,3 +278,16 @@ def test_cli_score_open_set(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "identity-balanced mAP" in r.stdout and "AUROC known vs new" in r.stdout
     assert "false-merge" in r.stdout and "(target 0.05)" in r.stdout and "21 known individuals, 9 held out" in r.stdout
+
+
+def test_catalogue_demo_gives_the_figures_and_the_page(competition, tmp_path):
+    from jaguar_kit.catalogue import catalogue_demo
+
+    f = catalogue_demo(competition, shared_model(), tmp_path / "demo", progress=False)
+    for key in ("top1_known", "top5_known", "auroc_known_vs_new", "false_merge", "false_split", "target_false_merge",
+                "index_photos_per_s", "identify_photos_per_s"):
+        assert key in f and f[key] == f[key], key  # present and not NaN
+    assert f["new_individuals"] == 2 and f["known_individuals"] == 4 and f["new_queries"] == 12
+    assert 0 <= f["false_merge"] <= 1 and f["index_photos_per_s"] > 0
+    assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "identify.csv").is_file()
+    assert json.loads((tmp_path / "demo" / "figures.json").read_text())["top5_known"] == f["top5_known"]
