@@ -100,7 +100,7 @@ def test_too_few_matching_tensors_fails_loudly_and_changes_nothing(tmp_path: Pat
     swin = _model("tiny-swin", seed=1)
     path = tmp_path / "swin.pt"
     torch.save({"model": swin.state_dict()}, path)
-    with pytest.raises(JaguarKitError, match=r"swin\.pt: \d+/\d+ backbone tensors fit"):
+    with pytest.raises(JaguarKitError, match=r"swin\.pt: only \d+/\d+ backbone tensors fit"):
         load_backbone_weights(vit, path)
     after = vit.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -196,7 +196,7 @@ def test_bad_sources_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(JaguarKitError, match="no weights file"):
         read_state_dict(tmp_path / "empty")
     torch.save(_model("tiny-swin").state_dict(), tmp_path / "swin.pth")
-    with pytest.raises(JaguarKitError, match=r"swin.pth: \d+/\d+ backbone tensors fit"):
+    with pytest.raises(JaguarKitError, match=r"swin.pth: only \d+/\d+ backbone tensors fit"):
         create_backbone(spec, str(tmp_path / "swin.pth"))
 
 

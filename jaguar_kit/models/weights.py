@@ -291,7 +291,7 @@ def _check_complete(rep: LoadReport, what: str) -> None:
     backbone_keys = [k for k in rep.missing + rep.skipped if not k.startswith(HEAD_PREFIXES)]
     names = ", ".join(backbone_keys[:6]) + (f" and {len(backbone_keys) - 6} more" if len(backbone_keys) > 6 else "")
     raise JaguarKitError(
-        f"{rep.source}: {rep.backbone_loaded}/{rep.backbone_total} backbone tensors fit {what}; "
+        f"{rep.source}: only {rep.backbone_loaded}/{rep.backbone_total} backbone tensors fit {what}; "
         f"not loaded: {names} ({len(rep.missing)} missing, {len(rep.skipped)} of another shape): "
         "weights for another architecture or size?"
     )
