@@ -105,6 +105,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"{tag:9s} identity-balanced mAP {r['map']:.4f}  rank-1 {r['rank1']:.4f}")
     if args.per_identity:
         print(result["reranked" if cfg.retrieval.rerank else "raw"]["per_identity"].to_string(index=False))
+    if getattr(args, "open_set", False):
+        _score_open_set(args)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -151,6 +153,100 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(data=args.data, out=args.out, overrides=args.set, progress=not args.quiet, minutes=args.minutes)
+
+
+def _print_warnings(warnings) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from .catalogue import build_catalogue, load_model
+    from .photos import read_photos
+
+    photos = read_photos(args.photos, need_identity=True)
+    model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
+    cat = build_catalogue(photos, model, args.out, target_false_merge=args.target_false_merge, replace=args.replace,
+                          progress=not args.quiet, workers=args.workers)
+    _print_warnings(cat.warnings)
+    cal = cat.calibration
+    rule = ("not calibrated" if cal is None else
+            f"new individual below p={cal.probability_threshold:.3f} (score {cal.threshold:.4f}), target false-merge "
+            f"rate {cal.target_false_merge:.0%}; on the catalogue {cal.estimated['false_merge']:.1%} false merges, "
+            f"{cal.estimated['false_split']:.1%} known photos called new")
+    print(f"catalogue {args.out}: {len(cat)} photos of {len(cat.individuals)} individuals "
+          f"({cat.embedded_now} embedded now, the others reused); {rule}")
+
+
+def cmd_identify(args: argparse.Namespace) -> None:
+    from .catalogue import identify, load_catalogue, load_model
+    from .report import write_identify_report
+
+    cat = load_catalogue(args.catalogue)
+    model = None
+    if args.model:
+        model = load_model(args.model, device=args.device, weights=args.weights,
+                           prepared_size=cat.model.get("prepared_size"), tta=cat.model.get("tta", "none"))
+    out = Path(args.out)
+    result = identify(cat, args.photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
+                      workers=args.workers)
+    _print_warnings(cat.warnings)
+    csv_path = result.save_csv(out / "identify.csv")
+    page = write_identify_report(result, out / "report.html")
+    n_new = sum(d == "new" for d in result.decisions)
+    print(f"{len(result.decisions)} photos: {len(result.decisions) - n_new} known, {n_new} new -> {csv_path}, {page}")
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from .catalogue import load_catalogue, load_model
+    from .clustering import cluster, write_group_folders
+    from .report import write_cluster_report
+
+    cat = load_catalogue(args.catalogue) if args.catalogue else None
+    model = None
+    if args.model:
+        model = load_model(args.model, device=args.device, weights=args.weights,
+                           prepared_size=cat.model.get("prepared_size") if cat else args.prepared_size,
+                           tta=cat.model.get("tta", "none") if cat else "none")
+    out = Path(args.out)
+    result = cluster(args.photos, model=model, catalogue=cat, threshold=args.threshold, cache_dir=out / "cache",
+                     progress=not args.quiet, workers=args.workers)
+    csv_path = result.save_csv(out / "clusters.csv")
+    page = write_cluster_report(result, out / "report.html")
+    if args.folders:
+        write_group_folders(result, out / "groups", args.folders)
+    print(f"{len(result.photos)} photos in {len(result.group_names)} groups -> {csv_path}, {page}"
+          + (f", {out / 'groups'}/ ({args.folders}s)" if args.folders else ""))
+
+
+def _score_open_set(args: argparse.Namespace) -> None:
+    """The open-set report of ``score --open-set``: identities held out as new individuals."""
+    from .catalogue import evaluate_open_set
+    from .pipeline import Embeddings, read_labels
+
+    labels = read_labels(args.labels)
+    emb = Embeddings.load(args.embeddings[0])
+    names = [n for n in emb.names if n in labels]
+    emb = emb.subset(names)
+    f = evaluate_open_set(emb.vectors, [labels[n] for n in names], new_share=args.new_share, seed=args.seed,
+                          target_false_merge=args.target_false_merge)
+    print(f"open set ({f['catalogue_individuals']} known individuals, {f['new_individuals']} held out as new; "
+          f"{f['known_queries']} known and {f['new_queries']} new queries)")
+    print(f"  top-1 known {f['top1_known']:.4f}  top-5 known {f['top5_known']:.4f}  "
+          f"AUROC known vs new {f['auroc_known_vs_new']:.4f}")
+    print(f"  at the calibrated threshold (score {f['threshold']:.4f}): false-merge {f['false_merge']:.4f} "
+          f"(target {f['target_false_merge']:.2f})  false-split {f['false_split']:.4f}  "
+          f"wrong individual {f['wrong_individual']:.4f}")
+
+
+def _add_photo_model(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--model", default=default,
+                   help="a training checkpoint (best.pt) or frozen:BACKBONE" + (f" (default {default})" if default else
+                                                                                 " (default: the catalogue's)"))
+    p.add_argument("--weights", default="auto", help="pretrained weights for frozen:BACKBONE (auto, a folder, hf-hub:...)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding photos")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_kaggle_push(args: argparse.Namespace) -> None:
@@ -205,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", nargs="+", required=True, help="one or more embeddings .npz (several: an ensemble)")
     p.add_argument("--labels", required=True, help="a filename,ground_truth CSV (train.csv, solution.csv)")
     p.add_argument("--per-identity", action="store_true")
+    p.add_argument("--open-set", action="store_true",
+                   help="also hold identities out as new individuals: top-1/top-5 known, AUROC, false-merge/split rates")
+    p.add_argument("--new-share", type=float, default=0.3, help="--open-set: share of identities held out as new")
+    p.add_argument("--target-false-merge", type=float, default=0.05, help="--open-set: the calibration's target")
+    p.add_argument("--seed", type=int, default=0, help="--open-set: which identities are held out")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("submit", help="write submission.csv from test embeddings (QE, re-ranking, ensembles)")
@@ -230,6 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the fine-tuning step")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="build or update a catalogue of known individuals from your photos")
+    p.add_argument("--photos", required=True, help="a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]")
+    p.add_argument("--out", required=True, help="the catalogue folder (updated if it exists: only new photos are embedded)")
+    p.add_argument("--target-false-merge", type=float, default=0.05,
+                   help="share of a new animal's photos allowed to be attached to a known one (default 0.05)")
+    p.add_argument("--replace", action="store_true", help="drop catalogue photos that are not listed now")
+    p.add_argument("--prepared-size", type=int, default=None, help="longest side of the prepared photos (default 768)")
+    _add_photo_model(p, "frozen:megadescriptor-l-384")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("identify", help="top-k known individuals of each photo, or `new`; identify.csv and report.html")
+    p.add_argument("--catalogue", required=True, help="a catalogue folder made by `jaguar-kit index`")
+    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,identity,x,y,w,h]")
+    p.add_argument("--out", required=True, help="the result folder")
+    p.add_argument("--top-k", type=int, default=5)
+    _add_photo_model(p, None)
+    p.set_defaults(func=cmd_identify)
+
+    p = sub.add_parser("cluster", help="group unlabelled photos by individual; clusters.csv, report.html, folders")
+    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,x,y,w,h]")
+    p.add_argument("--out", required=True, help="the result folder")
+    p.add_argument("--catalogue", help="attach groups to its known individuals; its calibration sets the threshold")
+    p.add_argument("--threshold", type=float, help="link photos at this similarity or more (default: the catalogue's)")
+    p.add_argument("--folders", choices=["link", "copy"], help="also write OUT/groups/<group>/ with links or copies")
+    p.add_argument("--prepared-size", type=int, default=None, help="longest side of the prepared photos (default 768)")
+    _add_photo_model(p, None)
+    p.set_defaults(func=cmd_cluster)
 
     kp = sub.add_parser("kaggle", help="Kaggle delivery: push kernels")
     ksub = kp.add_subparsers(dest="kaggle_command", required=True, metavar="ACTION")

@@ -130,3 +130,62 @@ def identity_balanced_map(similarity: np.ndarray, labels: Sequence) -> Retrieval
 
 
 __all__ = ["RetrievalScore", "identity_balanced_map", "ranked_others"]
+
+
+# --- Open-set identification: known individuals vs. new ones ---------------------------------
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance a positive scores above a negative (ties count half).
+
+    Mann-Whitney U from average ranks; NaN when either side is empty.
+    """
+    pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    ranks = pd.Series(np.concatenate([pos, neg])).rank(method="average").to_numpy()
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def open_set_scores(
+    top_ids: np.ndarray, top_scores: np.ndarray, truth: Sequence[str], known: set[str] | Sequence[str], threshold: float
+) -> dict[str, float]:
+    """Open-set figures from each query's ranked candidate individuals.
+
+    ``top_ids`` / ``top_scores`` (Q, k): candidate individuals best first and their scores;
+    ``truth``: each query's individual; ``known``: the catalogue's individuals. A query is
+    attached to its top candidate when that score is >= ``threshold``, else called new.
+
+    - ``top1_known`` / ``top5_known``: share of known-individual queries whose individual is the
+      first / among the first five candidates (threshold ignored);
+    - ``auroc_known_vs_new``: how well the top score separates known from new queries;
+    - ``false_merge``: share of new-individual queries attached to a known individual;
+    - ``false_split``: share of known-individual queries called new;
+    - ``wrong_individual``: share of known-individual queries attached to another individual;
+    - ``correct_known``: share of known-individual queries attached to the right one.
+    """
+    known = set(known)
+    truth = np.asarray(list(truth), dtype=object)
+    if len(truth) != len(top_ids):
+        raise JaguarKitError(f"open-set metric: {len(top_ids)} queries but {len(truth)} identities")
+    is_known = np.array([t in known for t in truth], bool)
+    top1 = top_scores[:, 0]
+    attached = top1 >= threshold
+    hit1 = top_ids[:, 0] == truth
+    hit5 = (top_ids[:, :5] == truth[:, None]).any(axis=1)
+    mean = lambda m: float(m.mean()) if m.size else float("nan")  # noqa: E731
+    return {
+        "known_queries": int(is_known.sum()),
+        "new_queries": int((~is_known).sum()),
+        "top1_known": mean(hit1[is_known]),
+        "top5_known": mean(hit5[is_known]),
+        "auroc_known_vs_new": auroc(top1[is_known], top1[~is_known]),
+        "false_merge": mean(attached[~is_known]),
+        "false_split": mean(~attached[is_known]),
+        "wrong_individual": mean((attached & ~hit1)[is_known]),
+        "correct_known": mean((attached & hit1)[is_known]),
+    }
+
+
+__all__ += ["auroc", "open_set_scores"]
