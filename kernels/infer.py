@@ -145,4 +145,5 @@ if MEASURE_TTA:
 for i, checkpoint in enumerate(CHECKPOINTS):
     for split in SPLITS:
         emb = embed_split(checkpoint, DATA, split, default_cache_dir(), prepared_dir(), cfg, seed_roots=input_roots())
-        print(f"model {i} {split}: {len(emb.names)} images ->", emb.save(working_root() / f"embeddings_{split}_model{i}.npz"))
+        path = emb.save(working_root() / f"embeddings_{split}_model{i}.npz")
+        print(f"model {i} {split}: {len(emb.names)} images -> {path}")

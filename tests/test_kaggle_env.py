@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.kaggle import env
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY_OVERRIDES
 from kaggle_sim import KaggleSim, build_wheel_dataset
 

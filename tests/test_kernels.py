@@ -16,8 +16,8 @@ import sys
 import jupytext
 import nbformat
 import pytest
-
 from conftest import REPO
+
 from jaguar_kit.kaggle import env
 from jaguar_kit.kaggle.push import build_notebook
 
@@ -55,7 +55,8 @@ def test_kernel_reads_as_a_notebook_with_visible_titles_and_one_parameters_cell(
     # papermill can read every setting (an "=" in a comment, or a tuple assignment, hides it)
     from papermill.translators import PythonTranslator
 
-    names = [p.name for p in PythonTranslator.inspect(nbformat.from_dict({**params[0], "source": "".join(params[0]["source"])}))]
+    cell = nbformat.from_dict({**params[0], "source": "".join(params[0]["source"])})
+    names = [p.name for p in PythonTranslator.inspect(cell)]
     assigned = [ln.split("=")[0].strip() for ln in tagged[0].source.splitlines() if ln and not ln.startswith("#")]
     assert names == assigned and "OVERRIDES" in names
     assert [c["cell_type"] for c in built["cells"]].count("markdown") >= 4
