@@ -369,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="also attach this kernel's own previous output (to resume a timed-out session)")
     p.add_argument("--dry-run", action="store_true", help="stop before the network; print the command")
-    p.set_defaults(func=cmd_kaggle_push)
+    from .kaggle.push import add_source_arguments, push_from_args
+
+    add_source_arguments(p)  # --dataset, --model, --kernel, --competition
+    p.set_defaults(func=push_from_args)
     return parser
 
 
