@@ -30,11 +30,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaguar_kit.catalogue import build_catalogue, evaluate_open_set, identify, load_model, open_set_split  # noqa: E402
-from jaguar_kit.clustering import connected_groups, pairwise_agreement  # noqa: E402
-from jaguar_kit.data.synth import generate_competition  # noqa: E402
-from jaguar_kit.metrics import open_set_scores  # noqa: E402
-from jaguar_kit.photos import read_photos  # noqa: E402
+from jaguar_kit.catalogue import build_catalogue, evaluate_open_set, identify, load_model, open_set_split
+from jaguar_kit.clustering import connected_groups, pairwise_agreement
+from jaguar_kit.data.synth import generate_competition
+from jaguar_kit.metrics import open_set_scores
+from jaguar_kit.photos import read_photos
 
 SEEDS = 10  # splits for the spread of the realised false-merge rate (embeddings reused)
 
@@ -74,7 +74,7 @@ def measure(source: str, photos, split, out: Path) -> dict:
     # clustering the queries at the calibrated threshold
     from jaguar_kit.catalogue import embed_photos
 
-    keys, emb, _ = embed_photos(model, [photos[i] for i in q], out / "queries", progress=False)
+    _, emb, _ = embed_photos(model, [photos[i] for i in q], out / "queries", progress=False)
     agree = pairwise_agreement(connected_groups(emb, cat.calibration.threshold), truth)
     # the spread over other splits (same embeddings of all photos)
     _, all_emb, _ = embed_photos(model, photos, out / "all", progress=False)

@@ -75,7 +75,7 @@ def fit_batch(try_step: Callable[[int, bool], int | None], p: int, k: int, grad_
 
 def probe_step(module: nn.Module, optimizer: torch.optim.Optimizer, n_classes: int, batch: int, k: int,
                image_size: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None) -> int | None:
-    """One forward/backward and optimiser-state allocation on random images; returns peak bytes.
+    """Two training steps on random images at lr 0, as the real loop runs them; returns peak bytes.
 
     Everything it touches is put back: parameters (the optimiser step runs at lr 0),
     BatchNorm statistics, optimiser state, gradients and the RNGs.
@@ -90,12 +90,17 @@ def probe_step(module: nn.Module, optimizer: torch.optim.Optimizer, n_classes: i
     try:
         x = torch.randn(batch, 3, *image_size, device=device)
         y = (torch.arange(batch, device=device) // max(k, 1)) % max(n_classes, 1)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _ = module(x, y)
-        loss.backward()
         for g in optimizer.param_groups:
             g["lr"] = 0.0
-        optimizer.step()  # allocates AdamW's moments, as the first real step will
+        # Twice: the first step allocates AdamW's moments, the second holds them during its
+        # forward and backward, as every real step after the first does.
+        for _ in range(2):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, _ = module(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
         for g, lr in zip(optimizer.param_groups, lrs):
