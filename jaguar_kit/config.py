@@ -74,6 +74,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0  # head lr = top backbone lr x this
     weight_decay: float = 0.05  # AdamW, not on norms, biases or GeM p
     warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0
+    head_epochs: float = 0.0  # train the head alone first (backbone lr 0: a linear probe), then fine-tune all
     grad_accum: int = 1  # batches per optimiser step
     clip_grad: float = 1.0  # 0: off
     ema_decay: float = 0.0  # 0: off

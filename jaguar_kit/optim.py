@@ -96,12 +96,24 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, head_only_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR: linear warmup, then cosine to 0 at ``total_steps``.
 
     LambdaLR multiplies each group's own initial lr, so layer-decay ratios survive.
-    Call ``scheduler.step()`` once per optimiser step.
+    ``head_only_steps`` > 0 trains the head alone first (the backbone's groups at lr 0: a
+    linear probe), then the backbone gets its own warmup and cosine over the remaining
+    steps: a randomly initialised head does not push large gradients into pretrained
+    layers. Call ``scheduler.step()`` once per optimiser step.
     """
-    total, warm = int(total_steps), int(warmup_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warm))
+    total, warm, head_only = int(total_steps), int(warmup_steps), int(head_only_steps)
+
+    def head(step: int) -> float:
+        return lr_factor(step, total, warm)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < head_only else lr_factor(step - head_only, total - head_only, warm)
+
+    lambdas = [backbone if head_only and str(g.get("name", "")).startswith("backbone") else head
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -95,6 +95,33 @@ def test_schedule_warmup_cosine_and_ratios_survive() -> None:
     assert lr_factor(total + 5, total, warm) == pytest.approx(0.0)
 
 
+def test_head_only_steps_hold_the_backbone_then_fine_tune_it() -> None:
+    model, crit, opt = _setup("tiny-vit")
+    total, warm, head_only = 40, 4, 10
+    sched = build_scheduler(opt, total_steps=total, warmup_steps=warm, head_only_steps=head_only)
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    x = torch.randn(6, 3, 64, 64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    for step in range(total):
+        backbone_lrs = [g["lr"] for g in opt.param_groups if g["name"].startswith("backbone")]
+        head_lrs = [g["lr"] / g["initial_lr"] for g in opt.param_groups if g["name"].startswith("head")]
+        if step < head_only:
+            assert max(backbone_lrs) == 0.0  # a linear probe: the pretrained layers wait
+            assert head_lrs[0] == pytest.approx(lr_factor(step, total, warm))
+        elif step == head_only:
+            # the backbone's own warmup starts now
+            assert all(g["lr"] == pytest.approx(g["initial_lr"] / warm) for g in opt.param_groups
+                       if g["name"].startswith("backbone"))
+        if step == head_only:
+            assert all(torch.equal(before[n], p) for n, p in model.backbone.named_parameters())
+        loss, _ = crit(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert not all(torch.equal(before[n], p) for n, p in model.backbone.named_parameters())
+
+
 @pytest.mark.parametrize("name", ["megadescriptor-l-384", "megadescriptor-dinov2-518"])
 def test_large_backbones_have_25_layers(name: str) -> None:
     import timm

@@ -55,7 +55,7 @@ from ..files import atomic_write_text, fault_point, remove_stale_temporaries
 from ..losses import ReIDCriterion
 from ..metrics import identity_balanced_map
 from ..models import build_model
-from ..optim import build_optimizer, build_scheduler, lr_factor
+from ..optim import build_optimizer, build_scheduler
 from .checkpoint import (
     BEST,
     LAST,
@@ -566,7 +566,8 @@ class Trainer:
         self.batches_per_epoch = max(tc.grad_accum, len(self.sampler) // tc.grad_accum * tc.grad_accum)
         self.steps_per_epoch = self.batches_per_epoch // tc.grad_accum
         self.warmup_steps = int(tc.warmup_epochs * self.steps_per_epoch)
-        scheduler = build_scheduler(optimizer, tc.epochs * self.steps_per_epoch, self.warmup_steps)
+        self.head_steps = int(tc.head_epochs * self.steps_per_epoch)
+        scheduler = build_scheduler(optimizer, tc.epochs * self.steps_per_epoch, self.warmup_steps, self.head_steps)
         self.state = TrainState(model, criterion, optimizer, scheduler,
                                 torch.amp.GradScaler(info.device.type, enabled=info.use_grad_scaler),
                                 EarlyStopping(tc.patience, tc.min_delta), ema)
@@ -587,7 +588,8 @@ class Trainer:
     def resume(self, saved: dict[str, Any], plan: ResumePlan) -> None:
         self.state.load_state_dict(saved)
         if plan.extended:
-            _extend(self.state, self.cfg, self.steps_per_epoch, self.warmup_steps, announce=self.is_main)
+            _extend(self.state, self.cfg, self.steps_per_epoch, self.warmup_steps, self.head_steps,
+                    announce=self.is_main)
         if self.is_main:
             s = self.state
             print(f"resumed {plan.checkpoint}: epoch {s.epoch}, batch {s.next_batch}, status {s.status}")
@@ -766,7 +768,8 @@ class Trainer:
             f"{self.run_dir / LAST} keeps the last finite state")
 
 
-def _extend(state: TrainState, cfg: Config, steps_per_epoch: int, warmup_steps: int, announce: bool) -> None:
+def _extend(state: TrainState, cfg: Config, steps_per_epoch: int, warmup_steps: int, head_steps: int,
+            announce: bool) -> None:
     """Continue a run under a changed ``train.epochs`` / ``train.patience``.
 
     The cosine schedule is rebuilt over the new total and continues from the current step:
@@ -774,18 +777,17 @@ def _extend(state: TrainState, cfg: Config, steps_per_epoch: int, warmup_steps: 
     the longer cosine gives, then decays to 0 at the new end.
     """
     tc = cfg.train
-    total = tc.epochs * steps_per_epoch
     state.stopper.patience = tc.patience
-    state.scheduler = build_scheduler(state.optimizer, total, warmup_steps)
+    state.scheduler = build_scheduler(state.optimizer, tc.epochs * steps_per_epoch, warmup_steps, head_steps)
     state.scheduler.last_epoch = state.global_step
-    factor = lr_factor(state.global_step, total, warmup_steps)
-    for group, base in zip(state.optimizer.param_groups, state.scheduler.base_lrs):
-        group["lr"] = base * factor
+    for group, base, factor in zip(state.optimizer.param_groups, state.scheduler.base_lrs, state.scheduler.lr_lambdas):
+        group["lr"] = base * factor(state.global_step)
     if state.status == "finished" or (state.status == "early_stopped" and not state.stopper.should_stop):
         state.status = "running"
     if announce:
+        peak = max(f(state.global_step) for f in state.scheduler.lr_lambdas)
         print(f"extending to {tc.epochs} epochs (patience {tc.patience}) from epoch {state.epoch}: the cosine schedule "
-              f"is rebuilt over {tc.epochs} epochs and continues at {factor:.2f} x the peak rate")
+              f"is rebuilt over {tc.epochs} epochs and continues at {peak:.2f} x the peak rate")
 
 
 def _result(run_dir: Path, status: str, epochs: int, stopper: EarlyStopping, history: list[dict[str, float]],
