@@ -292,3 +292,16 @@ def test_the_engine_applies_and_keeps_the_memory_plan(competition, tiny_config, 
     cfg.train.time_budget_h = 11.5
     result = train(cfg, competition, out, progress=False, resume_roots=[])
     assert result.status == "finished"
+
+
+def test_a_read_only_output_folder_is_one_line(competition, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    # a real read-only filesystem: root (as in CI) ignores a folder's permission bits
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        proc = _train_cli(competition, ro / "run")
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    _one_line_error(proc, str(ro / "run"), "Read-only file system")

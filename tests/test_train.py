@@ -171,4 +171,5 @@ def test_ddp_two_processes_on_cpu_gloo(competition, tmp_path):
     state = load_checkpoint(out / "last.pt")
     assert state["status"] == "finished" and state["global_step"] == 4
     assert proc.stdout.count("training on") == 1  # only rank 0 reports and writes
+    assert proc.stdout.count("finished after 1 epochs") == 1 and "n/a" not in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.csv"]
