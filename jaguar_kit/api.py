@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -79,15 +79,15 @@ def write_report(result: Identification | Clustering, path: str | Path) -> Path:
 
 
 __all__ = [
-    "load_model",
-    "embed_photos",
-    "read_photos",
     "build_catalogue",
-    "load_catalogue",
-    "update_catalogue",
-    "identify",
     "cluster",
+    "embed_photos",
+    "identify",
+    "load_catalogue",
+    "load_model",
+    "read_photos",
     "score",
-    "write_report",
+    "update_catalogue",
     "write_group_folders",
+    "write_report",
 ]

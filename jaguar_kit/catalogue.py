@@ -29,9 +29,9 @@ import json
 import logging
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -222,7 +222,7 @@ class Calibration:
                                               "estimated", "method")}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Calibration | None":
+    def from_dict(cls, d: dict | None) -> Calibration | None:
         return None if not d else cls(**d)
 
 
@@ -290,7 +290,7 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
         "false_split": float(np.mean(top_known_score < t)),
         "wrong_individual": float(np.mean((top_known_score >= t) & ~right)),
         "top1_known": float(np.mean(right)),
-        "photos": int(len(codes)),
+        "photos": len(codes),
         "known_photos": int(known.sum()),
         "individuals": int(n_ids),
     }
@@ -370,20 +370,19 @@ class Catalogue:
         lengths = np.array([len(t) for t in self.thumbs], np.int64)
         blob = np.frombuffer(b"".join(self.thumbs), np.uint8) if self.thumbs else np.zeros(0, np.uint8)
         header = self.header()
-        with atomic_path(folder / NPZ) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, keys=np.array(self.keys, dtype=str), identities=np.array(self.identities, dtype=str),
-                    names=np.array(self.names, dtype=str), paths=np.array(self.paths, dtype=str),
-                    boxes=self.boxes.astype(np.int64).reshape(-1, 4), embeddings=self.embeddings.astype(np.float32),
-                    thumb_lengths=lengths, thumbs=blob, header=np.array(json.dumps(header)),
-                )
+        with atomic_path(folder / NPZ) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, keys=np.array(self.keys, dtype=str), identities=np.array(self.identities, dtype=str),
+                names=np.array(self.names, dtype=str), paths=np.array(self.paths, dtype=str),
+                boxes=self.boxes.astype(np.int64).reshape(-1, 4), embeddings=self.embeddings.astype(np.float32),
+                thumb_lengths=lengths, thumbs=blob, header=np.array(json.dumps(header)),
+            )
         atomic_write_text(folder / SUMMARY, json.dumps(header, indent=1) + "\n")
         self.folder = folder
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Catalogue":
+    def load(cls, folder: str | Path) -> Catalogue:
         folder = Path(folder)
         path = folder / NPZ if folder.is_dir() else folder
         if not path.is_file():
@@ -651,7 +650,7 @@ def open_set_split(identities: Sequence[str], new_share: float = 0.3, query_shar
     if not 0 < new_share < 1:
         raise JaguarKitError(f"open-set split: the share of new individuals must be between 0 and 1, got {new_share}")
     rng = np.random.default_rng(seed)
-    n_new = min(len(uniques) - MIN_IDENTITIES, max(1, int(round(new_share * len(uniques)))))
+    n_new = min(len(uniques) - MIN_IDENTITIES, max(1, round(new_share * len(uniques))))
     new = set(rng.choice(uniques, n_new, replace=False))
     cat_rows, known_rows, new_rows = [], [], []
     for u in uniques:
@@ -660,7 +659,7 @@ def open_set_split(identities: Sequence[str], new_share: float = 0.3, query_shar
             new_rows.extend(rows)
             continue
         rows = rng.permutation(rows)
-        n_q = min(len(rows) - 1, int(round(query_share * len(rows))))
+        n_q = min(len(rows) - 1, round(query_share * len(rows)))
         known_rows.extend(rows[:n_q])
         cat_rows.extend(rows[n_q:])
     return np.sort(cat_rows), np.sort(known_rows), np.sort(new_rows)
@@ -746,24 +745,24 @@ def catalogue_demo(data_dir: str | Path, model_source: str | Path | Model, out_d
 
 
 __all__ = [
-    "catalogue_demo",
-    "open_set_split",
-    "evaluate_open_set",
-    "Model",
-    "load_model",
-    "embed_photos",
     "Calibration",
-    "calibrate",
-    "fit_logistic",
-    "threshold_for_rate",
-    "individual_scores",
-    "hold_out_scores",
-    "duplicate_identity_pairs",
     "Catalogue",
-    "build_catalogue",
-    "load_catalogue",
     "Identification",
+    "Model",
+    "build_catalogue",
+    "calibrate",
+    "catalogue_demo",
+    "duplicate_identity_pairs",
+    "embed_photos",
+    "evaluate_open_set",
+    "fit_logistic",
+    "hold_out_scores",
     "identify",
     "identify_embeddings",
+    "individual_scores",
+    "load_catalogue",
+    "load_model",
+    "open_set_split",
+    "threshold_for_rate",
     "what_to_check",
 ]

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -192,9 +192,9 @@ def pairwise_agreement(groups: Sequence[int], truth: Sequence[str]) -> dict[str,
     return {
         "pair_precision": float(tp / max((same_g & off).sum(), 1)),
         "pair_recall": float(tp / max((same_t & off).sum(), 1)),
-        "groups": int(len(set(g.tolist()))),
-        "individuals": int(len(set(t.tolist()))),
+        "groups": len(set(g.tolist())),
+        "individuals": len(set(t.tolist())),
     }
 
 
-__all__ = ["Clustering", "cluster", "connected_groups", "name_groups", "write_group_folders", "pairwise_agreement"]
+__all__ = ["Clustering", "cluster", "connected_groups", "name_groups", "pairwise_agreement", "write_group_folders"]

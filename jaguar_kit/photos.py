@@ -29,9 +29,9 @@ import io
 import logging
 import multiprocessing
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -187,7 +187,9 @@ def _read_csv(path: Path) -> list[Photo]:
             if len(row) != len(header):
                 problems.append(f"{where}: {len(row)} fields, but the header has {len(header)}")
                 continue
-            cell = lambda name: row[col[name]].strip() if name else ""  # noqa: E731
+            def cell(name: str | None, row: list[str] = row) -> str:
+                return row[col[name]].strip() if name else ""
+
             rel = cell(path_col)
             if not rel:
                 problems.append(f"{where}: empty path")
@@ -210,7 +212,7 @@ def _read_csv(path: Path) -> list[Photo]:
                     except ValueError:
                         problems.append(f"{where}: box x,y,w,h = {','.join(values)}: expected four numbers (pixels)")
                         continue
-                    x, y, w, h = (int(round(v)) for v in nums)
+                    x, y, w, h = (round(v) for v in nums)
                     if w <= 0 or h <= 0 or x < 0 or y < 0:
                         problems.append(f"{where}: box x,y,w,h = {','.join(values)}: needs x,y >= 0 and w,h > 0")
                         continue
@@ -364,11 +366,11 @@ def duplicate_files(photos: Sequence[Photo], keys: Sequence[str]) -> list[tuple[
 
 __all__ = [
     "Photo",
-    "read_photos",
+    "cut_box",
+    "duplicate_files",
     "file_digest",
     "photo_key",
     "prepare_photos",
+    "read_photos",
     "thumbnail_bytes",
-    "duplicate_files",
-    "cut_box",
 ]

@@ -96,7 +96,7 @@ def _calibration_rows(cat) -> list[tuple[str, str]]:
     return rows
 
 
-def identify_entries(ident: "Identification", query_thumbs: list[bytes | None]) -> list[str]:
+def identify_entries(ident: Identification, query_thumbs: list[bytes | None]) -> list[str]:
     """One HTML block per query photo: the photo, its candidates, the decision and what to check."""
     cat = ident.catalogue
     cal = cat.calibration
@@ -127,7 +127,7 @@ def identify_entries(ident: "Identification", query_thumbs: list[bytes | None]) 
     return out
 
 
-def write_identify_report(ident: "Identification", path: str | Path, title: str = "Identification report") -> Path:
+def write_identify_report(ident: Identification, path: str | Path, title: str = "Identification report") -> Path:
     """``report.html`` for :func:`jaguar_kit.catalogue.identify`."""
     thumbs = [_thumb(f) for f in ident.prepared]
     n_new = sum(d == "new" for d in ident.decisions)
@@ -141,7 +141,7 @@ def write_identify_report(ident: "Identification", path: str | Path, title: str 
     return Path(path)
 
 
-def write_cluster_report(result: "Clustering", path: str | Path, title: str = "Clustering report") -> Path:
+def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clustering report") -> Path:
     """``report.html`` for :func:`jaguar_kit.clustering.cluster`: each group with its members."""
     thumbs = [_thumb(f) for f in result.prepared]
     n_groups = len(result.group_names)
@@ -198,4 +198,4 @@ def write_cluster_report(result: "Clustering", path: str | Path, title: str = "C
     return Path(path)
 
 
-__all__ = ["write_identify_report", "write_cluster_report", "data_uri"]
+__all__ = ["data_uri", "write_cluster_report", "write_identify_report"]

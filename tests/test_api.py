@@ -39,7 +39,7 @@ def test_unknown_attribute_is_an_attribute_error():
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
     section = text.split("## Your own photos", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     assert len(blocks) == 1
     return blocks[0]
 
