@@ -53,7 +53,7 @@ class Embeddings:
 def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[str], list[Path], list[str] | None]:
     """(names, source paths, identities or None) of a split: train, val (the config's fold), test."""
     from .data.competition import load_competition
-    from .data.folds import make_folds, split_indices
+    from .data.folds import fold_split
 
     comp = load_competition(data_dir)
     if split == "test":
@@ -66,8 +66,7 @@ def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[st
     if split == "val":
         if cfg.data.fold < 0:
             raise JaguarKitError("split 'val' needs data.fold >= 0 (fold -1 trains on everything)")
-        folds = make_folds(np.array(ids), cfg.data.num_folds, cfg.data.seed, cfg.data.split)
-        _, val_idx = split_indices(folds, cfg.data.fold)
+        val_idx = fold_split(ids, cfg.data).val_idx  # the split training validated on
         return [names[i] for i in val_idx], [paths[i] for i in val_idx], [ids[i] for i in val_idx]
     raise JaguarKitError(f"unknown split {split!r} (train, val or test)")
 
