@@ -82,13 +82,13 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from .kaggle.env import default_cache_dir, is_kaggle
+    from .kaggle.env import default_cache_dir, is_kaggle, prepared_dir
     from .pipeline import embed_split
 
     cfg = _config(args)
     out = Path(args.out)
     cache = Path(cfg.embed.cache_dir or (default_cache_dir() if is_kaggle() else out / "cache"))
-    prepared = Path(args.prepared or out / "prepared")
+    prepared = Path(args.prepared) if args.prepared else prepared_dir()
     for split in args.split:
         emb = embed_split(args.checkpoint, args.data, split, cache, prepared, cfg, device=cfg.train.device,
                           progress=not args.quiet)
@@ -249,12 +249,6 @@ def _add_photo_model(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def cmd_kaggle_push(args: argparse.Namespace) -> None:
-    from .kaggle.push import push_kernel
-
-    push_kernel(args.kernel, user=args.user, build_dir=Path(args.build), dry_run=args.dry_run, resume=args.resume)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -279,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or resume) a re-ID model; --out is the run folder")
     _add_common(p)
-    p.add_argument("--prepared", help="prepared-image cache folder (default: next to the run folder)")
+    p.add_argument("--prepared", help="prepared-image cache folder (default: $JAGUAR_KIT_PREPARED, else work/prepared; "
+                   "on Kaggle a scratch folder outside the output); shared with embed")
     p.add_argument("--all-folds", action="store_true", help="cross-validation: every fold into OUT/fold{k}")
     p.add_argument("--gpus", type=int, default=1, help="processes for DDP via torchrun (2 on Kaggle's T4 x2)")
     p.set_defaults(func=cmd_train)
@@ -293,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--checkpoint", required=True, help="a training checkpoint, or frozen:BACKBONE for a frozen baseline")
     p.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
-    p.add_argument("--prepared", help="prepared-image cache folder (default: OUT/prepared)")
+    p.add_argument("--prepared", help="prepared-image cache folder (default: the one train uses)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("score", help="identity-balanced mAP and rank-1 of embeddings against labels")

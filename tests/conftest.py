@@ -33,6 +33,15 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_cache(tmp_path_factory) -> Path:
+    """One prepared-image cache for the session (train and embed share it, as on a user's machine),
+    kept out of the repository's working folder."""
+    path = tmp_path_factory.mktemp("prepared")
+    os.environ["JAGUAR_KIT_PREPARED"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def competition(tmp_path_factory) -> Path:
     from jaguar_kit.data.synth import generate_competition

@@ -111,7 +111,8 @@ def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(competi
 @pytest.mark.parametrize("setting, needle", [
     ("train.p=1", "train.p=1"), ("train.k=1", "train.k=1"), ("train.epochs=0", "train.epochs=0")])
 def test_settings_that_cannot_train_are_refused_before_any_work(competition, tmp_path, setting, needle):
-    proc = _train_cli(competition, tmp_path / "run", setting)
+    proc = run_cli("train", "--data", competition, "--out", tmp_path / "run", overrides=[*TINY_OVERRIDES, setting],
+                   JAGUAR_KIT_PREPARED=str(tmp_path / "prepared"))
     _one_line_error(proc, needle)
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "run" / "last.pt").exists()
 

@@ -52,6 +52,7 @@ from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
+from ..kaggle.env import input_roots, prepared_dir
 from ..losses import ReIDCriterion
 from ..metrics import identity_balanced_map
 from ..models import build_model
@@ -505,7 +506,7 @@ def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_roo
         return _result(run_dir, saved["status"], saved["epoch"], stopper, saved["history"])
 
     trainer = Trainer(cfg, info, run_dir, comp, table, saved, rank, world, progress, t_start,
-                      Path(prepared_root) if prepared_root else _default_prepared_root(run_dir))
+                      Path(prepared_root) if prepared_root else prepared_dir())
     if saved is not None:
         trainer.resume(saved, plan)
         del saved
@@ -814,15 +815,7 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 def _default_resume_roots() -> list[Path]:
-    from ..kaggle.env import input_roots
-
     return input_roots()
-
-
-def _default_prepared_root(run_dir: Path) -> Path:
-    from ..kaggle.env import is_kaggle, prepared_dir
-
-    return prepared_dir() if is_kaggle() else run_dir.parent / "prepared"
 
 
 def train_folds(cfg: Config, data_dir: str | Path, out_dir: str | Path, folds: list[int] | None = None,
