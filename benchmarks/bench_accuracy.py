@@ -205,27 +205,30 @@ def main() -> None:
     pseudo = select_pseudo_labels([ident], [tt.vectors], tt.names, threshold=0.9)
     pseudo_acc = float(np.mean([solution[f] == g for f, g in zip(pseudo["filename"], pseudo["ground_truth"])])) \
         if len(pseudo) else float("nan")
-    pcfg_minutes = [f"train.time_budget_h={args.pseudo_minutes / 60}"]
-    rnd = pseudo_label_round(ckpt, data, pseudo, work / "pseudo", epochs=5, overrides=pcfg_minutes,
-                             prepared_root=prepared, progress=False)
-    from jaguar_kit.embed import embed_images, weights_digest
-    from jaguar_kit.train.checkpoint import load_model_from_checkpoint
+    rnd = None
+    if len(pseudo):  # the round needs at least one confident test image
+        rnd = pseudo_label_round(ckpt, data, pseudo, work / "pseudo", epochs=5,
+                                 overrides=[f"train.time_budget_h={args.pseudo_minutes / 60}"],
+                                 prepared_root=prepared, progress=False)
+        from jaguar_kit.data.prepare import prepare_images
+        from jaguar_kit.embed import embed_images, weights_digest
+        from jaguar_kit.pipeline import Embeddings
+        from jaguar_kit.train.checkpoint import load_model_from_checkpoint
 
-    model, _ = load_model_from_checkpoint(rnd.best_checkpoint, "cpu")
-    from jaguar_kit.data.prepare import prepare_images
-    from jaguar_kit.pipeline import Embeddings
+        model, _ = load_model_from_checkpoint(rnd.best_checkpoint, "cpu")
 
-    def embed_round(names, paths):
-        d = cfg.data
-        prep = prepare_images(paths, prepared, d.alpha_mode, d.crop_margin, d.prepared_size, workers=0, progress=False)
-        r = embed_images(model, names, [prep[n] for n in names], cache / weights_digest(model), torch.device("cpu"),
-                         tta="none", progress=False, tag="pseudo")
-        return Embeddings(r.names, r.embeddings)
+        def embed_round(names, paths):
+            d = cfg.data
+            prep = prepare_images(paths, prepared, d.alpha_mode, d.crop_margin, d.prepared_size, workers=0,
+                                  progress=False)
+            r = embed_images(model, names, [prep[n] for n in names], cache / weights_digest(model),
+                             torch.device("cpu"), tta="none", progress=False, tag="pseudo")
+            return Embeddings(r.names, r.embeddings)
 
-    pv = embed_round(tv.names, [train_paths[n] for n in tv.names])
-    pt = embed_round(tt.names, [test_paths[n] for n in tt.names])
-    rows_val["fine-tuned + one pseudo-label round, global only"] = score(sim_of(pv, base), pv.names, labels)
-    rows_test["fine-tuned + one pseudo-label round, global only"] = score(sim_of(pt, base), pt.names, solution)
+        pv = embed_round(tv.names, [train_paths[n] for n in tv.names])
+        pt = embed_round(tt.names, [test_paths[n] for n in tt.names])
+        rows_val["fine-tuned + one pseudo-label round, global only"] = score(sim_of(pv, base), pv.names, labels)
+        rows_test["fine-tuned + one pseudo-label round, global only"] = score(sim_of(pt, base), pt.names, solution)
 
     stage("local-feature timing")
     times = timing(work, settings)
@@ -262,7 +265,9 @@ def main() -> None:
         "fusion_calibration_finetuned": dataclasses.asdict(cal),
         "pseudo_labels": {"threshold": 0.9, "selected": int(len(pseudo)), "of_test_images": len(tt.names),
                           "correct_share": round(pseudo_acc, 4), "temperature_scale": round(ident.scale, 2),
-                          "round": {"status": rnd.status, "epochs": rnd.epochs_done}},
+                          "max_probability": round(float(ident.probabilities(tt.vectors).max()), 4),
+                          "round": ({"status": rnd.status, "epochs": rnd.epochs_done} if rnd else
+                                    "not run: no test image reached the threshold")},
         "local_timing_this_cpu": times,
         "projection_real_test_kaggle": projection,
         "stage_start_s": stage_t,

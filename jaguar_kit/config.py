@@ -95,7 +95,7 @@ class TrainConfig:
 @dataclass
 class EmbedConfig:
     chunk_size: int = 100  # images per cached .npz chunk (the unit a killed run loses)
-    tta: Literal["flip4", "hflip", "none"] = "flip4"  # flip4: none, h, v, hv; hflip: none, h
+    tta: Literal["flip4", "hflip", "none"] = "none"  # none | hflip (none, h) | flip4 (none, h, v, hv): flips gained nothing beyond noise on validation (benchmarks/results/accuracy.json) and cost 2-4x; `jaguar-kit tune` measures them
     batch_size: int = 32  # images per forward pass, TTA views included
     cache_dir: str = ""  # "": /kaggle/working/cache on Kaggle, RUN/cache elsewhere
 
