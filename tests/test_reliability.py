@@ -65,7 +65,7 @@ def test_embedding_killed_at_random_chunks_recomputes_only_unfinished(competitio
 
     def embed(out, fault=None):
         return run_cli("embed", "--data", competition, "--out", out, "--checkpoint", run / "best.pt", "--split",
-                       "train", overrides=["embed.chunk_size=4"], fault=fault)
+                       "train", overrides=["embed.chunk_size=4", "embed.tta=flip4"], fault=fault)
 
     assert embed(tmp_path / "reference").returncode == 0
     out = tmp_path / "killed"
