@@ -99,6 +99,7 @@ print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).pare
 CHECKPOINT_NAME = "best.pt"  # which checkpoint of each attached training run
 SPLITS = ["test"]  # what submission reads; add "train" only for a step that uses train embeddings
 MEASURE_TTA = False  # True: score none / hflip / flip4 on the attached run's validation fold first
+FROZEN_IF_BETTER = True  # a run whose fine-tuning did not beat its frozen backbone (epoch 0) embeds with that backbone
 OVERRIDES = []  # more settings, written as described above (embed.tta, embed.chunk_size, ...)
 
 # %% [markdown]
@@ -142,8 +143,11 @@ if MEASURE_TTA:
 # ## Embed
 
 # %%
+from jaguar_kit.train.checkpoint import model_source
+
 for i, checkpoint in enumerate(CHECKPOINTS):
+    source = model_source(checkpoint) if FROZEN_IF_BETTER else checkpoint
     for split in SPLITS:
-        emb = embed_split(checkpoint, DATA, split, default_cache_dir(), prepared_dir(), cfg, seed_roots=input_roots())
+        emb = embed_split(source, DATA, split, default_cache_dir(), prepared_dir(), cfg, seed_roots=input_roots())
         path = emb.save(working_root() / f"embeddings_{split}_model{i}.npz")
         print(f"model {i} {split}: {len(emb.names)} images -> {path}")

@@ -138,7 +138,7 @@ def test_raising_epochs_extends_a_finished_run_and_other_changes_are_refused_by_
     assert "extending to 3 epochs" in extended.stdout
     state = load_checkpoint(out / "last.pt")
     assert state["status"] == "finished" and state["epoch"] == 3
-    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [0, 1, 2, 3]
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3]
 
 
 def test_a_run_attached_from_a_previous_version_is_brought_over_whole(competition, reference, tmp_path):
@@ -306,3 +306,13 @@ def test_a_read_only_output_folder_is_one_line(competition, tmp_path):
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
     _one_line_error(proc, str(ro / "run"), "Read-only file system")
+
+
+def test_inference_falls_back_to_the_frozen_backbone_when_fine_tuning_lost(reference, tmp_path):
+    from jaguar_kit.train.checkpoint import model_source
+
+    state = load_checkpoint(reference / "best.pt")
+    for frozen_map, expected in ((1.0, "frozen:tiny-cnn"), (0.0, str(tmp_path / "best.pt"))):
+        state["history"] = [{"epoch": 0, "val_map": frozen_map, "val_rank1": 0.0}, *state["history"][1:]]
+        torch.save(state, tmp_path / "best.pt")
+        assert model_source(tmp_path / "best.pt") == expected

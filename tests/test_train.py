@@ -49,13 +49,12 @@ def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_ru
     assert sorted(p.name for p in reference_run.iterdir()) == [
         "best.pt", "config.json", "curves.png", "last.pt", "metrics.csv"]
     metrics = pd.read_csv(reference_run / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1, 2]  # epoch 0: the frozen backbone's own features, the yardstick
+    assert list(metrics["epoch"]) == [1, 2]  # random initial weights: no frozen baseline at epoch 0
     assert metrics["val_map"].between(0, 1).all()
-    assert metrics["train_loss"].isna().tolist() == [True, False, False]
     assert {"arcface", "triplet"} <= set(metrics.columns)  # the loss parts the criterion returns
     state = load_checkpoint(reference_run / "last.pt")
     assert state["status"] == "finished" and state["epoch"] == 2
-    assert set(state["early_stopping"]) == {"best", "best_epoch", "bad_epochs"}
+    assert set(state["stopper"]) == {"best", "best_epoch", "bad_epochs"}
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(competition, reference_run, tmp_path):
@@ -159,6 +158,11 @@ def test_cross_validation_folds_and_backbone_init_from_another_run(competition, 
     r = train(variant, competition, tmp_path / "variant", prepared_root=tmp_path / "cv" / "prepared",
               progress=False, resume_roots=[])
     assert r.status == "finished"
+    # a pretrained start: epoch 0 scores its frozen backbone on the same validation images
+    metrics = pd.read_csv(tmp_path / "variant" / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1] and metrics["train_loss"].isna().tolist() == [True, False]
+    assert r.frozen_map == metrics["val_map"].iloc[0] and 0 <= r.frozen_map <= 1
+    assert "frozen backbone" in r.summary()
 
 
 @pytest.mark.slow

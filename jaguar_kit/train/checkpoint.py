@@ -214,6 +214,23 @@ def copy_run(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def model_source(checkpoint: str | Path) -> str:
+    """What to embed with: the checkpoint, or ``frozen:BACKBONE`` when its run's fine-tuning did
+    not beat the frozen backbone on the same validation images (epoch 0 of ``metrics.csv``)."""
+    state = load_checkpoint(checkpoint, verify=False)
+    frozen = next((r["val_map"] for r in state.get("history", []) if r.get("epoch") == 0), None)
+    best = float(state["stopper"]["best"])
+    if frozen is None or best > frozen:
+        return str(checkpoint)
+    model = state["config"]["model"]
+    lost = f"{checkpoint}: its best validation mAP {best:.4f} does not beat the frozen backbone's {frozen:.4f}"
+    if model.get("init_from"):  # that backbone came from another run: no frozen:NAME rebuilds it
+        print(f"{lost}, which came from {model['init_from']}; embedding with the checkpoint anyway")
+        return str(checkpoint)
+    print(f"{lost}; embedding with frozen:{model['backbone']} instead")
+    return f"frozen:{model['backbone']}"
+
+
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """Rebuild the model a checkpoint was trained with and load its weights.
 

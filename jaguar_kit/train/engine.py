@@ -510,8 +510,8 @@ def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_roo
     if saved is not None:
         trainer.resume(saved, plan)
         del saved
-    elif is_main and len(trainer.data.val_idx):
-        trainer.validate_frozen()
+    elif is_main and len(trainer.data.val_idx) and (cfg.model.weights != "none" or cfg.model.init_from):
+        trainer.validate_frozen()  # (random weights are no baseline)
     if trainer.state.status != "running" or trainer.state.epoch >= tc.epochs:  # extended, not beyond what is done
         return trainer.close_finished()
     return trainer.fit()
@@ -596,7 +596,7 @@ class Trainer:
             print(f"resumed {plan.checkpoint}: epoch {s.epoch}, batch {s.next_batch}, status {s.status}")
 
     def validate_frozen(self) -> None:
-        """Epoch 0: what the pretrained backbone's own features score on the same split."""
+        """Epoch 0: what the pretrained backbone's own features score on the same split, the yardstick."""
         score_map, rank1 = self.validate(frozen=True)
         self.state.history.append({"epoch": 0, "val_map": score_map, "val_rank1": rank1})
         print(f"epoch 0 (frozen backbone): val mAP {score_map:.4f}  rank-1 {rank1:.4f}")
