@@ -20,7 +20,7 @@ def test_demo_writes_report_submission_and_pictures(competition, tmp_path, capsy
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     for model in ("frozen", "finetuned"):
-        for tta in ("none", "flip4"):
+        for tta in ("none", "hflip", "flip4"):
             for tag in ("raw", "reranked"):
                 assert 0 <= on_disk[f"{model}/tta-{tta}/{tag}"]["map"] <= 1
     chosen = on_disk["chosen_on_validation"]
@@ -31,6 +31,10 @@ def test_demo_writes_report_submission_and_pictures(competition, tmp_path, capsy
     table = (out / "report.md").read_text()
     assert "| frozen baseline | val | flip4 | yes |" in table and "| fine-tuned | val | none | no |" in table
     assert "report.md" in capsys.readouterr().out
+    # the own-photos journey: a catalogue, held-out jaguars as new individuals, a page to check
+    own = on_disk["own_photos"]
+    assert 0 <= own["false_merge"] <= 1 and own["target_false_merge"] == 0.05 and 0 <= own["top1_known"] <= 1
+    assert (out / "own_photos" / "report.html").stat().st_size > 1000 and "## Your own photos" in table
 
 
 def test_demo_finishes_with_its_report_however_slow_the_machine(competition, tmp_path):

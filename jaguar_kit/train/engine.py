@@ -258,7 +258,7 @@ def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool) -> F
     prepared = prepare_images(list(comp.train["path"]), prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
                               workers=d.workers, progress=progress)
     identities = comp.train["identity"].astype(str).to_numpy()
-    paths = np.array([str(prepared[name]) for name in comp.train["filename"]])
+    paths = np.array([str(prepared[str(p)]) for p in comp.train["path"]])  # by path: names may repeat in sub-folders
     split = fold_split(identities, d, report=progress)
     classes = sorted(set(identities[split.train_idx]))
     class_of = {c: i for i, c in enumerate(classes)}
