@@ -207,6 +207,16 @@ def submit(
     if comp.pairs is None:
         raise JaguarKitError(f"{data_dir}: test.csv not found; nothing to submit")
     names, sim = similarity(sets, cfg)
+    if cfg.local_verify:  # the calibrated local-feature fusion a tuned.json may switch on
+        import os
+
+        from .local import local_rerank
+
+        by_name = dict(zip(comp.test_images["filename"].astype(str), comp.test_images["path"]))
+        workers = min(4, os.cpu_count() or 1) if len(names) >= 100 else 0  # a process pool outweighs a few images
+        # features cached next to the output (on Kaggle under /kaggle/working: a rerun reuses them)
+        sim = local_rerank(sim, names, [by_name[str(n)] for n in names], cfg, Path(out_csv).parent / "local_cache",
+                           workers=workers)
     path = write_submission(comp.pairs, names, sim, out_csv)
     if grid_png is not None:
         from .data.images import decode_image

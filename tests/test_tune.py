@@ -129,3 +129,25 @@ def test_tuned_retrieval_round_trips_through_json(tmp_path):
     result = tune({"none": [Embeddings(names, clean)]}, labels, RetrievalConfig(k1=7), grid=SMALL, progress=False)
     (tmp_path / "t.json").write_text(json.dumps(result.config_dict()))
     assert load_config(tmp_path / "t.json").retrieval == result.retrieval
+
+
+def test_cli_submit_honours_local_verification_from_a_tuned_config(competition, tmp_path):
+    # a tuned.json with the local stage on (calibrated fusion, as `tune --data` writes it) must change the
+    # submission: before, submit read the setting and ignored it
+    paths, _, _ = _write_embeddings(competition, tmp_path, seed=2)
+    retrieval = {"rerank": False, "query_expansion_k": 0, "local_k": 5, "local_size": 96, "local_features": 150,
+                 "local_weight": 1.0, "fusion_bias": -2.0, "fusion_global": 3.0, "fusion_inliers": 2.0,
+                 "fusion_ratio": 1.0}
+    subs = {}
+    for on in (False, True):
+        config = tmp_path / f"tuned_{on}.json"
+        config.write_text(json.dumps({"embed": {"tta": "none"}, "retrieval": {**retrieval, "local_verify": on}}))
+        out = tmp_path / f"sub_{on}"
+        r = run_cli("submit", "--config", config, "--data", competition, "--out", out, "--embeddings", paths["test"])
+        assert r.returncode == 0, r.stderr
+        subs[on] = pd.read_csv(out / "submission.csv")
+        assert list(subs[on]["row_id"]) == list(pd.read_csv(competition / "test.csv")["row_id"])
+        assert subs[on]["similarity"].between(0, 1).all() and subs[on]["similarity"].notna().all()
+    assert list((tmp_path / "sub_True" / "local_cache").glob("local_*.npz"))  # features cached next to the output
+    assert not (tmp_path / "sub_False" / "local_cache").exists()
+    assert not np.allclose(subs[True]["similarity"], subs[False]["similarity"])
