@@ -225,7 +225,10 @@ def pseudo_label_round(
         "min_probability": float(pseudo["probability"].min()) if "probability" in pseudo else None,
         "validation_images_left_out": len(exclude)}, indent=2) + "\n")
     atomic_write_text(out / "pseudo_labels.csv", pseudo.to_csv(index=False))
-    return train(round_cfg, derived, run_dir, prepared_root=prepared_root, progress=progress)
+    # resume_roots=[]: only this round's own folder resumes it. The attached training output (on Kaggle,
+    # under /kaggle/input) is also a folder named ``run``; taken for this round's earlier session, it
+    # would be copied in and then refused as a run of another config.
+    return train(round_cfg, derived, run_dir, prepared_root=prepared_root, progress=progress, resume_roots=[])
 
 
 __all__ = ["IdentityModel", "fit_temperature", "select_pseudo_labels", "write_pseudo_competition",

@@ -70,11 +70,14 @@ def test_derived_folder_adds_pseudo_images_and_leaves_out_validation(competition
 
 
 @pytest.mark.slow
-def test_one_round_trains_from_the_checkpoint_and_refuses_a_second(competition, tiny_config, tmp_path):
+def test_one_round_trains_from_the_checkpoint_and_refuses_a_second(competition, tiny_config, tmp_path, monkeypatch):
     from jaguar_kit.train.checkpoint import load_checkpoint
     from jaguar_kit.train.engine import train
 
     first = train(tiny_config, competition, tmp_path / "run", progress=False, resume_roots=[])
+    # as on Kaggle, where the training output is attached: its folder is also named run, and the round
+    # must not take it for its own earlier session (it would be refused as another config)
+    monkeypatch.setenv("JAGUAR_KIT_INPUT", str(tmp_path))
     comp = load_competition(competition)
     tests = list(comp.test_images["filename"])[:4]
     ids = list(comp.train["identity"].iloc[:4])
