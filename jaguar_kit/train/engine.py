@@ -21,8 +21,6 @@ refused by name) and the training table; one process writes a run folder at a ti
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
@@ -247,9 +245,7 @@ def training_table(data_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     exactly what changed in ``train.csv`` since the run started.
     """
     comp = load_competition(data_dir, check_images=True)
-    images = dict(zip(map(str, comp.train["filename"]), map(str, comp.train["identity"])))
-    digest = hashlib.sha256(json.dumps(sorted(images.items())).encode()).hexdigest()[:16]
-    return comp, {"digest": digest, "images": images}
+    return comp, {"images": dict(zip(map(str, comp.train["filename"]), map(str, comp.train["identity"])))}
 
 
 def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool) -> FoldData:
