@@ -8,6 +8,7 @@ themselves take a config and paths. Every stage takes ``--config FILE`` and any 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -97,10 +98,15 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from .pipeline import Embeddings, read_labels, score
+    from .pipeline import Embeddings, read_labels, score, unlabelled, unlabelled_note
 
     cfg = _config(args)
-    result = score([Embeddings.load(p) for p in args.embeddings], read_labels(args.labels), cfg.retrieval)
+    sets, labels = [Embeddings.load(p) for p in args.embeddings], read_labels(args.labels)
+    missing = unlabelled(sets, labels)
+    result = score(sets, labels, cfg.retrieval, warn=False)
+    if missing:  # never a silent subset
+        print(f"note: {unlabelled_note(missing, len(sets[0].names))} in {args.labels}; scored the other "
+              f"{result['raw']['n_images']}", file=sys.stderr)
     for tag, r in result.items():
         print(f"{tag:9s} identity-balanced mAP {r['map']:.4f}  rank-1 {r['rank1']:.4f}")
     if args.per_identity:
@@ -371,12 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors that are about the user's files and folders, not bugs: shown as one line.
+_USER_OS_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except JaguarKitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .data.dataset import plain_message  # one line also when a loader worker raised it
+
+        print(f"error: {plain_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a folder or file the system refuses (read-only, permissions): one line
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)

@@ -2,9 +2,14 @@
 
 Images go in chunks of ``chunk_size`` (100 by default). Each chunk is embedded under every
 TTA view, the views' embeddings are averaged and re-normalised, and the chunk is saved as a
-compressed ``.npz`` (embeddings, file names, fingerprint) written atomically. A rerun loads
-the finished chunks and computes only the missing ones; a chunk that fails to load or
-carries another fingerprint (other weights, preprocessing or views) is recomputed.
+compressed ``.npz`` (embeddings, file names, fingerprint, checksum) written atomically. A
+rerun loads the finished chunks and computes only the missing ones; a chunk that fails to
+load, fails its checksum or carries another fingerprint is recomputed.
+
+The fingerprint is keyed by content: the weights, the views, the preprocessing settings,
+the names, and a digest of every image file's bytes. Another picture saved under the
+same name changes its chunk's fingerprint, so that chunk (and only that one) is embedded
+again, whoever calls :func:`embed_images` and whatever ``preprocessing`` says.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data.dataset import ImageDataset, build_transform, worker_init
+from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, plain_message, worker_init
+from .errors import JaguarKitError
 from .files import atomic_path, fault_point, remove_stale_temporaries
 
 TTA_VIEWS = {
@@ -64,11 +70,17 @@ def compute_embeddings(
     """Embeddings (float32, L2-normalised) of every item of ``dataset``, in order."""
     was_training = model.training
     model.eval()
+    if workers > 0:
+        loader_safe_opencv()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, worker_init_fn=worker_init)
     out = []
-    for x, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        out.append(embed_batch(model, x.to(device, non_blocking=True), views, amp_dtype).cpu())
-    model.train(was_training)
+    try:
+        for x, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            out.append(embed_batch(model, x.to(device, non_blocking=True), views, amp_dtype).cpu())
+    except JaguarKitError as e:  # from a loader worker it arrives wrapped in the worker's traceback
+        raise JaguarKitError(plain_message(e)) from None
+    finally:
+        model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -89,20 +101,40 @@ class EmbedResult:
     reused_chunks: list[int]
 
 
-def chunk_fingerprint(base: str, names: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps([base, list(names)]).encode()).hexdigest()[:24]
+def chunk_fingerprint(base: str, names: Sequence[str], contents: Sequence[str] = ()) -> str:
+    """What a chunk was made from: settings and weights (``base``), names, image digests."""
+    return hashlib.sha256(json.dumps([base, list(names), list(contents)]).encode()).hexdigest()[:24]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the image an embedding was computed from)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise JaguarKitError(f"{path}: image to embed not found (removed after it was prepared?)") from None
+    except OSError as e:
+        raise JaguarKitError(f"{path}: cannot read image to embed ({e.strerror or e})") from e
+
+
+def _checksum(emb: np.ndarray) -> str:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return hashlib.sha256(repr(emb.shape).encode() + emb.tobytes()).hexdigest()[:24]
 
 
 def _load_chunk(path: Path, fingerprint: str, names: Sequence[str]) -> np.ndarray | None:
-    """The chunk's embeddings if the file is complete and made for exactly this input."""
+    """The chunk's embeddings if the file is complete, intact and made for exactly this input."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["fingerprint"]) != fingerprint or list(z["names"]) != list(names):
                 return None
             emb = z["embeddings"]
+            checksum = str(z["checksum"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if emb.shape[0] != len(names) or not np.isfinite(emb).all():
+    if emb.ndim != 2 or emb.shape[0] != len(names) or emb.dtype != np.float32 or not np.isfinite(emb).all():
+        return None
+    if checksum != _checksum(emb):  # rewritten by something else than this module
         return None
     return emb
 
@@ -125,12 +157,22 @@ def embed_images(
     """Embed prepared images chunk by chunk into ``cache_dir``, reusing finished chunks.
 
     ``preprocessing`` describes how the prepared images were made (alpha mode, size, ...);
-    it enters the fingerprint together with the weights and the TTA views, so a cached
-    chunk is only reused for exactly the same computation. ``weights_id`` saves hashing the
-    weights again when the caller already did (:func:`weights_digest`).
+    it enters the fingerprint together with the weights, the TTA views and a digest of each
+    image file's bytes, so a cached chunk is only reused for exactly the same computation on
+    the same pictures. ``weights_id`` saves hashing the weights again when the caller already
+    did (:func:`weights_digest`). Bad input raises a one-line :class:`JaguarKitError`.
     """
     if tta not in TTA_VIEWS:
-        raise ValueError(f"embed.tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+        raise JaguarKitError(f"embed.tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+    if chunk_size < 1 or batch_size < 1:
+        raise JaguarKitError(f"embed: chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
+    names, paths = [str(n) for n in names], list(paths)
+    if len(names) != len(paths):
+        raise JaguarKitError(f"embed {tag}: {len(names)} names but {len(paths)} image paths")
+    seen: set[str] = set()
+    dup = next((n for n in names if n in seen or seen.add(n)), None)
+    if dup is not None:
+        raise JaguarKitError(f"embed {tag}: image name {dup!r} is listed twice")
     views = TTA_VIEWS[tta]
     cfg = getattr(model, "data_config", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
@@ -140,15 +182,18 @@ def embed_images(
         sort_keys=True,
     )
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(cache_dir)  # half-written chunks of a killed run
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JaguarKitError(f"{cache_dir}: cannot create the embedding cache ({e.strerror or e})") from e
+    remove_stale_temporaries(cache_dir)  # half-written chunks of a killed run (not a live process's)
     n_chunks = (len(names) + chunk_size - 1) // chunk_size
     parts, computed, reused = [], [], []
     bar = tqdm(total=len(names), desc=f"embed {tag} ({len(views)} views)", disable=not progress)
     for c in range(n_chunks):
         sl = slice(c * chunk_size, (c + 1) * chunk_size)
         chunk_names, chunk_paths = list(names[sl]), list(paths[sl])
-        fp = chunk_fingerprint(base, chunk_names)
+        fp = chunk_fingerprint(base, chunk_names, [file_digest(p) for p in chunk_paths])
         path = cache_dir / f"{tag}_{c:05d}.npz"
         emb = _load_chunk(path, fp, chunk_names) if path.exists() else None
         if emb is None:
@@ -158,9 +203,9 @@ def embed_images(
             emb = compute_embeddings(model, ds, device, views, max(1, batch_size // len(views)), amp_dtype=amp_dtype)
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
-                    np.savez_compressed(
-                        f, embeddings=emb.astype(np.float32), names=np.array(chunk_names), fingerprint=np.array(fp)
-                    )
+                    emb = emb.astype(np.float32)
+                    np.savez_compressed(f, embeddings=emb, names=np.array(chunk_names), fingerprint=np.array(fp),
+                                        checksum=np.array(_checksum(emb)))
                     fault_point("chunk-write")
             computed.append(c)
         else:

@@ -29,8 +29,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A full disk is reported as a one-line :class:`JaguarKitError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    except OSError as e:  # a read-only or forbidden output folder: one line, not a traceback
+        if _disk_full(e):
+            raise JaguarKitError(f"{path}: disk full while writing; the previous version of this file is kept") from e
+        raise JaguarKitError(f"{path}: cannot write here ({e.strerror or e}: {e.filename or path.parent})") from e
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     tmp_path = Path(tmp)
@@ -75,13 +80,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete temporary files left by writers that were killed; returns how many.
 
-    Call only where no other process is writing into ``folder``.
+    A temporary file's name carries its writer's process id (``.NAME.tmp-PID-XXXX``); those
+    of a process still running are another writer's work in progress and are kept, so two
+    processes may share a folder (two embedders on one cache) without breaking each other.
     """
     folder = Path(folder)
-    stale = list(folder.glob(".*.tmp-*")) if folder.is_dir() else []
+    stale = [p for p in folder.glob(".*.tmp-*") if not _writer_alive(p.name)] if folder.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name.rsplit(".tmp-", 1)[-1].split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # an older name without a pid
+    if int(pid) == os.getpid():
+        return True  # ours: another thread may be writing it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def fault_point(name: str) -> None:

@@ -7,6 +7,8 @@ embeddings, ``submission.csv``, PNGs), so a kernel cell is one call.
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,7 @@ from .config import Config, RetrievalConfig
 from .errors import JaguarKitError
 from .files import atomic_path
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Embeddings:
@@ -36,11 +39,23 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str | Path) -> "Embeddings":
+        """Read and check an embeddings file: one finite row per unique name."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(list(z["names"]), z["vectors"], str(z["model"]))
-        except (OSError, KeyError, ValueError) as e:
-            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({e})") from e
+                names, vectors, model = [str(n) for n in z["names"]], z["vectors"], str(z["model"])
+        except FileNotFoundError:
+            raise JaguarKitError(f"{path}: embeddings file not found") from None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        if vectors.ndim != 2 or vectors.shape[0] != len(names):
+            raise JaguarKitError(f"{path}: {len(names)} names but vectors of shape {vectors.shape}")
+        if len(set(names)) != len(names):
+            dup = next(n for i, n in enumerate(names) if n in names[:i])
+            raise JaguarKitError(f"{path}: image {dup!r} has two vectors")
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if vectors.size else []
+        if len(bad):
+            raise JaguarKitError(f"{path}: the vector of {names[bad[0]]!r} is not finite (and {len(bad) - 1} more)")
+        return cls(names, vectors, model)
 
     def subset(self, names: Sequence[str]) -> "Embeddings":
         index = {n: i for i, n in enumerate(self.names)}
@@ -163,22 +178,52 @@ def similarity(sets: Sequence[Embeddings], cfg: RetrievalConfig, device: str | N
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
-    """``filename -> identity`` from a ``filename,ground_truth`` CSV (train.csv, solution.csv)."""
-    df = pd.read_csv(path)
-    if not {"filename", "ground_truth"} <= set(df.columns):
-        raise JaguarKitError(f"{path}: needs columns filename,ground_truth, found {','.join(df.columns)}")
-    return dict(zip(df["filename"].astype(str), df["ground_truth"].astype(str)))
+    """``filename -> identity`` from a ``filename,ground_truth`` CSV (train.csv, solution.csv).
+
+    Read like ``train.csv`` (:func:`~jaguar_kit.data.competition.read_csv_checked`): names
+    stripped, ``NA``/``null`` kept as identities. A file named twice with two identities,
+    or an empty name or identity, is refused in one line naming the CSV line.
+    """
+    from .data.competition import read_csv_checked
+
+    df = read_csv_checked(Path(path), ("filename", "ground_truth"))
+    labels: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line, name, ident in df.itertuples():
+        if not name or not ident:
+            raise JaguarKitError(f"{path}: line {line}: empty {'filename' if not name else 'ground_truth'}")
+        if name in labels and labels[name] != ident:
+            raise JaguarKitError(f"{path}: {name!r} is labelled {labels[name]!r} on line {first[name]} "
+                                 f"and {ident!r} on line {line}")
+        labels[name] = ident
+        first.setdefault(name, line)
+    return labels
 
 
-def score(sets: Sequence[Embeddings], labels: dict[str, str], cfg: RetrievalConfig) -> dict[str, dict]:
-    """Identity-balanced mAP and rank-1 with and without re-ranking, per-identity tables."""
+def unlabelled(sets: Sequence[Embeddings], labels: dict[str, str]) -> list[str]:
+    """The embedded images (of the first set) that have no label."""
+    return [n for n in sets[0].names if n not in labels]
+
+
+def score(sets: Sequence[Embeddings], labels: dict[str, str], cfg: RetrievalConfig,
+          warn: bool = True) -> dict[str, dict]:
+    """Identity-balanced mAP and rank-1 with and without re-ranking, per-identity tables.
+
+    Only the embedded images with a label are scored; how many had none is returned
+    (``n_images``, ``n_unlabelled`` in each entry) and, with ``warn``, logged as a warning.
+    """
     import copy
 
     from .metrics import identity_balanced_map
 
+    missing = unlabelled(sets, labels)
     names = [n for n in sets[0].names if n in labels]
     if len(names) < 2:
-        raise JaguarKitError("score: fewer than two embedded images have labels")
+        shown = f" (e.g. {missing[0]!r})" if missing else ""
+        raise JaguarKitError(f"score: {len(names)} of the {len(sets[0].names)} embedded images have a label{shown}; "
+                             "need at least two: are these the right labels for these embeddings?")
+    if missing and warn:
+        log.warning("score: %s; scoring the other %d", unlabelled_note(missing, len(sets[0].names)), len(names))
     sets = [s.subset(names) for s in sets]
     y = [labels[n] for n in names]
     out = {}
@@ -187,8 +232,14 @@ def score(sets: Sequence[Embeddings], labels: dict[str, str], cfg: RetrievalConf
         c.rerank = rerank
         _, sim = similarity(sets, c)
         r = identity_balanced_map(sim, y)
-        out[tag] = {"map": r.map, "rank1": r.rank1, "per_identity": r.per_identity}
+        out[tag] = {"map": r.map, "rank1": r.rank1, "per_identity": r.per_identity, "n_images": len(names),
+                    "n_unlabelled": len(missing)}
     return out
+
+
+def unlabelled_note(missing: Sequence[str], total: int) -> str:
+    more = ", ...)" if len(missing) > 3 else ")"
+    return f"{len(missing)} of the {total} embedded images have no label ({', '.join(missing[:3])}{more}"
 
 
 def submit(
@@ -206,6 +257,17 @@ def submit(
     comp = load_competition(data_dir, check_images=False)
     if comp.pairs is None:
         raise JaguarKitError(f"{data_dir}: test.csv not found; nothing to submit")
+    test_names = list(comp.test_images["filename"])
+    wanted = set(test_names)
+    extra = [n for n in sets[0].names if n not in wanted]
+    if extra:  # e.g. train and test embedded together: re-rank over the test images only
+        log.warning("submit: %d embedded images are not in %s and were ignored (e.g. %s)", len(extra),
+                    Path(data_dir) / "test.csv", extra[0])
+    missing = [n for n in test_names if n not in set(sets[0].names)]
+    if missing:
+        raise JaguarKitError(f"{data_dir}: {len(missing)} of the {len(test_names)} test images have no embedding "
+                             f"(e.g. {missing[0]!r}); embed the test split with these settings")
+    sets = [s.subset(test_names) for s in sets]
     names, sim = similarity(sets, cfg)
     if cfg.local_verify:  # the calibrated local-feature fusion a tuned.json may switch on
         import os

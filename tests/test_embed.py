@@ -79,12 +79,12 @@ def test_killed_mid_write_resumes_without_recomputing(competition, tmp_path):
                    overrides=[*TINY_OVERRIDES, "train.epochs=1"]).returncode == 0
     out = tmp_path / "emb"
     embed = ("embed", "--data", competition, "--out", out, "--checkpoint", run / "best.pt", "--split", "train")
-    killed = run_cli(*embed, overrides=["embed.chunk_size=5"], fault="chunk-write:3")
+    killed = run_cli(*embed, overrides=["embed.chunk_size=5", "embed.tta=flip4"], fault="chunk-write:3")
     assert killed.returncode == -signal.SIGKILL
     (cache,) = (out / "cache").iterdir()  # one folder per model's weights
     done = {p.name: p.stat().st_mtime_ns for p in cache.glob("train-flip4_*.npz")}
     assert sorted(done) == ["train-flip4_00000.npz", "train-flip4_00001.npz"]
-    rerun = run_cli(*embed, overrides=["embed.chunk_size=5"])
+    rerun = run_cli(*embed, overrides=["embed.chunk_size=5", "embed.tta=flip4"])
     assert rerun.returncode == 0, rerun.stderr
     assert {n: (cache / n).stat().st_mtime_ns for n in done} == done  # finished chunks untouched
     assert len(list(cache.glob("train-flip4_*.npz"))) == 8  # 36 images / 5 per chunk

@@ -64,18 +64,43 @@ class _Problems:
         raise JaguarKitError(" | ".join(parts))
 
 
-def read_csv_checked(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def read_csv_text(path: str | Path) -> str:
+    """A CSV file's text: UTF-8 (a byte-order mark is allowed); anything else is refused in
+    one line naming the byte and line where the encoding breaks."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JaguarKitError(f"{path}: file not found") from None
+    except OSError as e:
+        raise JaguarKitError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise JaguarKitError(
+            f"{path}: not UTF-8 (byte 0x{data[offset]:02x} at byte {offset}, line {line}); "
+            "save the file as UTF-8 (e.g. from Latin-1: iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def read_csv_checked(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Read a small CSV as stripped strings, indexed by CSV line number (header = line 1).
 
-    Raises one line on a missing file, empty file, wrong delimiter, missing column or a
-    row whose field count differs from the header's. Blank lines are skipped.
+    The one reader for every table the kit reads (train.csv, test.csv, labels, solution,
+    submissions): fields are stripped of surrounding spaces, and every value stays the text
+    it is (``NA``, ``null`` or ``None`` are names, never missing values). Raises one line on
+    a missing file, a file that is not UTF-8, an empty file, a wrong delimiter, a missing
+    column or a row whose field count differs from the header's. Blank lines are skipped.
     """
+    path = Path(path)
     # The csv module rather than pandas.read_csv: pandas silently turns an extra field
     # into an index column or drops it, and renumbers rows around blank lines; here each
     # row keeps its true line number for the error messages.
-    if not path.is_file():
-        raise JaguarKitError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if path.is_dir():
+        raise JaguarKitError(f"{path}: is a folder, expected a CSV file")
+    text = read_csv_text(path)
     if not text.strip():
         raise JaguarKitError(f"{path}: empty CSV (expected a header {','.join(required)})")
     reader = csv.reader(io.StringIO(text))
@@ -285,4 +310,4 @@ def find_competition_dir(search_root: str | Path, max_depth: int = 5) -> Path:
     return found[0]
 
 
-__all__ = ["Competition", "load_competition", "find_competition_dir", "read_csv_checked"]
+__all__ = ["Competition", "load_competition", "find_competition_dir", "read_csv_checked", "read_csv_text"]

@@ -15,7 +15,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ..errors import JaguarKitError
 from .prepare import load_prepared
+
+_WRAPPED = "Original Traceback"  # how torch's DataLoader forwards an exception raised in a worker
 
 
 def build_transform(
@@ -75,7 +78,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = torch.from_numpy(np.ascontiguousarray(self.loader(self.paths[index]))).permute(2, 0, 1)
+        path = self.paths[index]
+        try:
+            pixels = self.loader(path)
+        except JaguarKitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read becomes one line naming the file
+            raise JaguarKitError(f"{path}: cannot load image ({type(e).__name__}: {e})") from e
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
         if seed is None:
             x = self.transform(image)
         else:
@@ -86,13 +96,41 @@ class ImageDataset(Dataset):
         return x, label, index
 
 
+def plain_message(err: BaseException) -> str:
+    """The one-line message of ``err``, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's whole
+    traceback as its message; the original message is that traceback's last line.
+    """
+    text = str(err)
+    if _WRAPPED not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
 def worker_init(_: int) -> None:
     """One thread per loader worker: workers already run in parallel, and nested thread
-    pools on a small machine mostly spin against the training process."""
+    pools on a small machine mostly spin against the training process.
+
+    OpenCV's own pool is left alone here: a forked worker inherits the parent's pool, and
+    resizing it (``cv2.setNumThreads``) in the child waits forever on the parent's threads
+    (seen after the parent prepared images itself). :func:`loader_safe_opencv` limits it
+    in the parent before the workers start.
+    """
+    torch.set_num_threads(1)
+
+
+def loader_safe_opencv() -> None:
+    """Call before starting forked loader workers: OpenCV single-threaded in this process,
+    so the workers inherit no thread pool they could wait on forever."""
     import cv2
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 def sample_seed(seed: int, epoch: int, batch: int, position: int) -> int:

@@ -130,6 +130,13 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         data = path.read_bytes()
     except OSError as e:
         raise JaguarKitError(f"{path}: cannot read image ({e.strerror or e})") from e
+    return decode_image_bytes(data, path)
+
+
+def decode_image_bytes(data: bytes, path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`decode_image` of bytes already read from ``path`` (named in errors; its
+    extension must match the content). Lets a caller hash and decode one read of the file."""
+    path = Path(path)
     problem = _problem(path.name, len(data), data[:16], data[-_TAIL:])
     if problem:
         raise JaguarKitError(f"{path}: {problem[1]}")

@@ -15,25 +15,38 @@ subsampling loses colour detail the model barely uses.
 
 Cache layout and keys::
 
-    cache_root / "crop-m0.05-s768-jpg95-v1" / <source folder name> / <file name>.<bytes>.jpg
+    cache_root / "crop-m0.05-s768-jpg95-v2" / <source folder name> / <file name>.<bytes>.jpg
 
 - The folder name holds every setting and ``PREP_VERSION``: a changed setting or a changed
   preprocessing never reuses stale files.
 - Files keep their source folder's name as a sub-folder, so ``train/x.png`` and
-  ``test/x.png`` never collide; the source's size in bytes is in the name, so a different
-  image with the same name is prepared anew. The key ignores the absolute path on
-  purpose: the same data attached at another ``/kaggle/input/...`` path reuses the cache.
+  ``test/x.png`` (or ``Ana/x.jpg`` and ``Bo/x.jpg``) never collide. The key ignores the
+  absolute path on purpose: the same data attached at another ``/kaggle/input/...`` path
+  reuses the cache.
+- ``manifest.jsonl`` holds one record per prepared file, appended the moment the file is
+  in place: the digest (SHA-256) of the prepared JPEG, the source's size, modification time
+  and digest, and whether its mask was empty. A prepared file is reused only when its
+  record exists, its bytes still have the recorded digest (a damaged file is prepared
+  again), and its source is unchanged (same size and time, or else the same digest: a
+  different picture under the same name is prepared anew). A file without a record (the
+  process was killed between the two writes) is prepared again, so a resumed run reports
+  the same empty masks as a clean one. A torn last line of a killed run is ignored.
 - Writes are atomic (temporary file + ``os.replace``): a killed run leaves at most a
-  hidden ``.*.tmp-*`` file, which is never read; the next run skips finished files.
-- ``manifest.json`` in the folder records the settings and the images whose mask was
-  empty (kept whole, see :mod:`jaguar_kit.data.images`), so a resumed run still reports them.
+  hidden ``.*.tmp-*`` file, which is never read.
+- From a script without an ``if __name__ == "__main__":`` guard, worker processes would
+  re-run the script (``spawn`` imports it again) and respawn forever: such a call runs in
+  this process instead, with a warning.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -42,15 +55,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import JaguarKitError
-from ..files import atomic_write_bytes, atomic_write_text
-from .images import ALPHA_MODES, apply_alpha_mode, decode_image, mask_is_empty
+from ..files import atomic_write_bytes, atomic_write_text, fault_point
+from .images import ALPHA_MODES, apply_alpha_mode, decode_image_bytes, mask_is_empty
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1  # bump when the preprocessing changes: old caches are then not reused
+PREP_VERSION = 2  # bump when the preprocessing or the cache's layout changes: old caches are then not reused
 FORMAT = "jpg95"
 JPEG_QUALITY = 95
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.jsonl"
+SETTINGS = "settings.json"
 
 
 class PrepareResult(dict):
@@ -59,10 +73,12 @@ class PrepareResult(dict):
     Keys are the sources' file names (``train_0001.png``). When one call holds several
     different sources with the same file name (``train/x.png`` and ``test/x.png``), those
     are keyed ``folder/name`` instead and the bare name raises a KeyError saying so. Any
-    source can also be looked up by its path (a ``Path`` or the path string).
+    source can also be looked up by its path (a ``Path`` or the path string) or by any
+    trailing part of it that names one source only (``Ana/x.jpg``, as a CSV lists it).
 
     ``made``: images prepared now; ``skipped``: already in the cache; ``empty_masks``:
-    keys of the images whose mask was fully transparent (kept whole).
+    keys of the images whose mask was fully transparent (kept whole); ``damaged``: cached
+    files whose bytes no longer matched their digest (prepared again).
     """
 
     def __init__(
@@ -73,6 +89,7 @@ class PrepareResult(dict):
         made: int,
         skipped: int,
         empty_masks: list[str],
+        damaged: list[str] | None = None,
     ):
         super().__init__(mapping)
         self.by_path = by_path
@@ -80,6 +97,17 @@ class PrepareResult(dict):
         self.made = made
         self.skipped = skipped
         self.empty_masks = empty_masks
+        self.damaged = damaged or []
+        self._suffixes: dict[str, set[str]] | None = None
+
+    def _by_suffix(self, key: str) -> set[str]:
+        if self._suffixes is None:
+            self._suffixes = {}
+            for src in self.by_path:
+                parts = Path(src).parts
+                for k in range(1, len(parts) + 1):
+                    self._suffixes.setdefault("/".join(parts[-k:]), set()).add(src)
+        return self._suffixes.get(Path(key).as_posix(), set())
 
     def __missing__(self, key):
         if str(key) in self.by_path:
@@ -89,11 +117,17 @@ class PrepareResult(dict):
                 f"{key}: several prepared sources have this file name ({', '.join(self.ambiguous[key])}); "
                 "look it up by its path or as folder/name"
             )
+        found = self._by_suffix(str(key))
+        if len(found) == 1:
+            return self.by_path[found.pop()]
+        if found:
+            raise KeyError(f"{key}: several prepared sources end with this path ({', '.join(sorted(found))})")
         raise KeyError(key)
 
     def summary(self) -> str:
+        damaged = f", {len(self.damaged)} damaged in the cache (made again)" if self.damaged else ""
         return (
-            f"{len(self)} prepared images ({self.made} new, {self.skipped} from the cache), "
+            f"{len(self)} prepared images ({self.made} new, {self.skipped} from the cache{damaged}), "
             f"{len(self.empty_masks)} with an empty mask (kept whole)"
         )
 
@@ -116,7 +150,7 @@ def _result_keys(sources: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def prepared_dir(cache_root: str | Path, alpha_mode: str, margin: float, size: int) -> Path:
-    """The cache folder for one set of settings, e.g. ``cache_root/crop-m0.05-s768-jpg95-v1``.
+    """The cache folder for one set of settings, e.g. ``cache_root/crop-m0.05-s768-jpg95-v2``.
 
     The margin only matters for ``crop`` and is left out of the other modes' names.
     """
@@ -148,38 +182,158 @@ def resize_longest(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, new, interpolation=cv2.INTER_AREA)
 
 
-def prepare_one(src: Path, dst: Path, alpha_mode: str, margin: float, size: int) -> bool:
-    """Prepare one image into ``dst`` atomically; returns True when its mask was empty."""
-    rgb, mask = decode_image(src)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _prepare_record(src: Path, dst: Path, alpha_mode: str, margin: float, size: int) -> dict:
+    """Prepare one image into ``dst`` atomically; returns its manifest record (without ``file``)."""
+    try:
+        st = src.stat()
+        data = src.read_bytes()
+    except OSError as e:
+        raise JaguarKitError(f"{src}: cannot read image ({e.strerror or e})") from e
+    rgb, mask = decode_image_bytes(data, src)
     empty = mask_is_empty(mask)
     out = resize_longest(apply_alpha_mode(rgb, mask, alpha_mode, margin), size)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise JaguarKitError(f"{src}: OpenCV could not encode the prepared image")
-    atomic_write_bytes(dst, buf.tobytes())
-    return empty
+    jpeg = buf.tobytes()
+    atomic_write_bytes(dst, jpeg)
+    return {"sha256": _sha256(jpeg), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
+            "src_sha256": _sha256(data), "empty_mask": empty}
 
 
-def _work(task: tuple[str, str, str, float, int]) -> tuple[str, str | None, bool]:
+def prepare_one(src: Path, dst: Path, alpha_mode: str, margin: float, size: int) -> bool:
+    """Prepare one image into ``dst`` atomically; returns True when its mask was empty."""
+    return _prepare_record(Path(src), Path(dst), alpha_mode, margin, size)["empty_mask"]
+
+
+def _work(task: tuple[str, str, str, float, int]) -> tuple[str, str | None, dict | None]:
     """Process-pool entry: never raises, so one bad file does not stop the others."""
     src, dst, mode, margin, size = task
     try:
-        return src, None, prepare_one(Path(src), Path(dst), mode, margin, size)
+        return src, None, _prepare_record(Path(src), Path(dst), mode, margin, size)
     except JaguarKitError as e:
-        return src, str(e), False
+        return src, str(e), None
     except Exception as e:  # noqa: BLE001 - reported per file, with its name
-        return src, f"{src}: {type(e).__name__}: {e}", False
+        return src, f"{src}: {type(e).__name__}: {e}", None
 
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process; avoid oversubscribing the cores
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(out_dir: str | Path) -> dict[str, dict]:
+    """``{cache-relative prepared file: record}``; the last record of a file wins.
+
+    Lines that are not complete JSON objects (the torn last line of a killed run) are skipped.
+    """
+    records: dict[str, dict] = {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        raw = (Path(out_dir) / MANIFEST).read_bytes()
+    except OSError:
+        return records
+    for line in raw.split(b"\n")[:-1]:  # the part after the last newline is unfinished
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("file"), str) and isinstance(rec.get("sha256"), str):
+            records[rec["file"]] = rec
+    return records
+
+
+class _ManifestLog:
+    """Appends one record per line; each line goes out in one ``write`` (O_APPEND), so two
+    processes preparing into one cache interleave whole lines."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST
+        self.fd: int | None = None
+
+    def append(self, record: dict) -> None:
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise JaguarKitError(f"{self.path}: cannot write the prepared-image manifest ({e.strerror or e})") from e
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        try:
+            os.write(self.fd, line)
+        except OSError as e:
+            raise JaguarKitError(f"{self.path}: cannot write the prepared-image manifest ({e.strerror or e})") from e
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _guarded(lineno: int, tree: ast.Module) -> bool:
+    """True if ``lineno`` lies inside a top-level ``if __name__ == "__main__":`` block."""
+    for node in tree.body:
+        if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+            continue
+        sides = [node.test.left, *node.test.comparators]
+        names = {n.id for n in sides if isinstance(n, ast.Name)}
+        consts = {n.value for n in sides if isinstance(n, ast.Constant)}
+        if "__name__" in names and "__main__" in consts and node.lineno <= lineno <= (node.end_lineno or lineno):
+            return True
+    return False
+
+
+def main_script_unguarded() -> str | None:
+    """The main script's path when this call comes from its top-level code outside an
+    ``if __name__ == "__main__":`` guard, else None.
+
+    Worker processes started with ``spawn`` import the main script again; unguarded, the
+    import calls this function again, which starts workers again, forever. Notebooks,
+    ``python -c`` and the console have no script file and are safe.
+    """
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if main is None or not main_file or multiprocessing.parent_process() is not None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    try:
+        tree = ast.parse(Path(main_file).read_text(encoding="utf-8", errors="replace"))
+    except (OSError, SyntaxError, ValueError):
+        return str(main_file)  # cannot tell: the safe answer
+    return None if _guarded(frame.f_lineno, tree) else str(main_file)
+
+
+def _check_cached(src: Path, dst: Path, rec: dict | None, log_: _ManifestLog) -> str:
+    """``ok``, ``missing`` (not prepared, or no record), ``changed`` (another source) or ``damaged``."""
+    if rec is None or not dst.is_file():
+        return "missing"
+    try:
+        st = src.stat()
+    except OSError as e:
+        raise JaguarKitError(f"{src}: cannot read image ({e.strerror or e})") from e
+    if (st.st_size, st.st_mtime_ns) != (rec.get("src_size"), rec.get("src_mtime_ns")):
+        if _file_sha256(src) != rec.get("src_sha256"):
+            return "changed"
+        try:  # same content, touched: remember the new time so it is not hashed again
+            log_.append({**rec, "src_mtime_ns": st.st_mtime_ns})
+        except JaguarKitError:
+            pass  # a read-only cache still serves
+    if _file_sha256(dst) != rec["sha256"]:
+        return "damaged"
+    return "ok"
 
 
 def prepare_images(
@@ -194,15 +348,14 @@ def prepare_images(
     """Prepare every image once into the cache; returns ``{source file name: prepared file}``
     (see :class:`PrepareResult` for name clashes and lookups by path).
 
-    Resumable (finished files are skipped), parallel over ``workers`` processes, and
-    atomic per file. Images that fail to decode are all reported in one
+    Resumable (finished and verified files are skipped), parallel over ``workers``
+    processes, and atomic per file. Images that fail to decode are all reported in one
     :class:`JaguarKitError` at the end, naming the first; the others stay in the cache.
     """
     out_dir = prepared_dir(cache_root, alpha_mode, margin, size)
     sources = list(dict.fromkeys(Path(p) for p in paths))  # a path given twice counts once
     by_path: dict[str, Path] = {}
     owner: dict[Path, Path] = {}
-    todo: list[tuple[str, str, str, float, int]] = []
     for src in sources:
         dst = prepared_file(out_dir, src)
         if dst in owner:
@@ -212,61 +365,45 @@ def prepare_images(
             )
         owner[dst] = src
         by_path[str(src)] = dst
-        if not dst.is_file():
-            todo.append((str(src), str(dst), alpha_mode, float(margin), int(size)))
     keys, ambiguous = _result_keys(sources)
     mapping = {key: by_path[str(src)] for key, src in zip(keys, sources)}
 
-    errors: list[str] = []
-    empty_now: list[str] = []
-    bar = tqdm(total=len(todo), desc=f"prepare {out_dir.name}", unit="img", disable=not progress or not todo)
+    records = read_manifest(out_dir)
+    manifest = _ManifestLog(out_dir)
+    todo: list[tuple[str, str, str, float, int]] = []
+    damaged: list[str] = []
+    try:
+        for src in sources:
+            dst = by_path[str(src)]
+            rel = dst.relative_to(out_dir).as_posix()
+            state = _check_cached(src, dst, records.get(rel), manifest)
+            if state != "ok":
+                todo.append((str(src), str(dst), alpha_mode, float(margin), int(size)))
+                if state == "damaged":
+                    damaged.append(str(dst))
+        if damaged:
+            log.warning("%d prepared images were damaged (digest differs from the manifest) and are made again: %s%s",
+                        len(damaged), damaged[0], " ..." if len(damaged) > 1 else "")
+        if todo:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise JaguarKitError(f"{out_dir}: cannot create the prepared-image folder ({e.strerror or e})") from e
+            if not (out_dir / SETTINGS).is_file():
+                atomic_write_text(out_dir / SETTINGS, json.dumps(
+                    {"version": PREP_VERSION, "format": FORMAT, "alpha_mode": alpha_mode, "margin": margin,
+                     "size": size}, indent=1) + "\n")
+        errors = _run(todo, out_dir, workers, progress, records, manifest)
+    finally:
+        manifest.close()
 
-    def collect(results) -> None:
-        for src, err, empty in results:
-            if err:
-                errors.append(err)
-            elif empty:
-                empty_now.append(src)
-            bar.update()
-
-    if workers <= 1 or len(todo) <= 1:
-        collect(map(_work, todo))
-    else:
-        # spawn, not fork: the caller may have torch/OpenMP threads running, which a
-        # forked child can deadlock on.
-        ctx = multiprocessing.get_context("spawn")
-        chunk = max(1, min(16, len(todo) // (workers * 8)))
-        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-            collect(pool.imap_unordered(_work, todo, chunksize=chunk))
-    bar.close()
-
-    # The manifest keeps the empty-mask list across resumed runs (cache-relative names).
-    manifest_path = out_dir / MANIFEST
-    manifest = _read_manifest(manifest_path)
-    empty_rel = set(manifest.get("empty_masks", []))
-    empty_rel.update(str(by_path[s].relative_to(out_dir)) for s in empty_now)
-    if todo and len(errors) < len(todo):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "version": PREP_VERSION,
-            "format": FORMAT,
-            "alpha_mode": alpha_mode,
-            "margin": margin,
-            "size": size,
-            "empty_masks": sorted(empty_rel),
-        }
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    empty_masks = [s for s, d in mapping.items() if str(d.relative_to(out_dir)) in empty_rel]
-
+    empty_masks = [k for k, d in mapping.items() if records.get(d.relative_to(out_dir).as_posix(), {}).get("empty_mask")]
     if errors:
-        done = sum(1 for d in by_path.values() if d.is_file())
+        done = sum(1 for d in by_path.values() if d.relative_to(out_dir).as_posix() in records)
         more = f" (and {len(errors) - 1} more failed)" if len(errors) > 1 else ""
-        raise JaguarKitError(
-            f"{sorted(errors)[0]}{more}; the {done} images prepared are kept in {out_dir}"
-        )
-    result = PrepareResult(
-        mapping, by_path, ambiguous, made=len(todo), skipped=len(mapping) - len(todo), empty_masks=empty_masks
-    )
+        raise JaguarKitError(f"{sorted(errors)[0]}{more}; the {done} images prepared are kept in {out_dir}")
+    result = PrepareResult(mapping, by_path, ambiguous, made=len(todo), skipped=len(mapping) - len(todo),
+                           empty_masks=empty_masks, damaged=damaged)
     log.info("%s in %s", result.summary(), out_dir)
     if empty_masks:
         shown = ", ".join(empty_masks[:5])
@@ -279,11 +416,68 @@ def prepare_images(
     return result
 
 
+def _run(todo: list, out_dir: Path, workers: int, progress: bool, records: dict[str, dict],
+         manifest: _ManifestLog) -> list[str]:
+    """Prepare ``todo``; each finished file's record goes into ``records`` and the manifest
+    at once. Returns the error lines of the files that failed."""
+    errors: list[str] = []
+    bar = tqdm(total=len(todo), desc=f"prepare {out_dir.name}", unit="img", disable=not progress or not todo)
+
+    def collect(results) -> None:
+        for src, err, rec in results:
+            if err:
+                errors.append(err)
+            else:
+                rec = {"file": Path(by_src[src][1]).relative_to(out_dir).as_posix(), **rec}
+                manifest.append(rec)
+                records[rec["file"]] = rec
+                fault_point("prepare-image")
+            bar.update()
+
+    by_src = {t[0]: t for t in todo}
+    if workers > 1 and len(todo) > 1:
+        script = main_script_unguarded()
+        if script:
+            log.warning("prepare_images: %s calls it outside `if __name__ == \"__main__\":`, where worker processes "
+                        "would run the script again; preparing in this process instead (add the guard to use "
+                        "%d workers)", script, workers)
+            workers = 0
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            collect(map(_work, todo))
+        else:
+            # spawn, not fork: the caller may have torch/OpenMP threads running, which a
+            # forked child can deadlock on.
+            ctx = multiprocessing.get_context("spawn")
+            chunk = max(1, min(16, len(todo) // (workers * 8)))
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+                collect(pool.imap_unordered(_work, todo, chunksize=chunk))
+    finally:
+        bar.close()
+    return errors
+
+
 def load_prepared(path: str | Path) -> np.ndarray:
-    """Read a prepared image as RGB uint8 (a small JPEG: a few ms at 768 px)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read a prepared image as RGB uint8 (a small JPEG: a few ms at 768 px).
+
+    A missing file or a damaged one (cut short: no end-of-image marker) is refused in one
+    line naming it, rather than decoded into a partly grey picture.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise JaguarKitError(
+            f"{path}: prepared image missing (removed after it was prepared?); rerun to prepare it again"
+        ) from None
+    except OSError as e:
+        raise JaguarKitError(f"{path}: cannot read prepared image ({e.strerror or e})") from e
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise JaguarKitError(
+            f"{path}: prepared image damaged (truncated or not a JPEG); rerun prepare: it is made again"
+        )
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise JaguarKitError(f"{path}: cannot read prepared image (missing or corrupt; delete it to redo it)")
+        raise JaguarKitError(f"{path}: prepared image corrupt (cannot decode); rerun prepare: it is made again")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -294,6 +488,8 @@ __all__ = [
     "prepare_images",
     "prepared_file",
     "prepare_one",
+    "read_manifest",
+    "main_script_unguarded",
     "resize_longest",
     "load_prepared",
 ]
