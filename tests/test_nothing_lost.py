@@ -142,8 +142,9 @@ def test_damaged_prepared_jpeg_is_detected_and_prepared_again(tmp_path):
 def test_damaged_prepared_jpeg_is_refused_in_one_line_when_loaded(tmp_path):
     _rgba(tmp_path / "a.png", 0)
     path = prepare_images([tmp_path / "a.png"], tmp_path / "cache", size=64, workers=0, progress=False)["a.png"]
-    path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(JaguarKitError, match=r"a\.png.*(truncated|damaged|corrupt)") as e:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # OpenCV decodes this into a partly grey picture, without a word
+    with pytest.raises(JaguarKitError, match=r"a\.png.*damaged") as e:
         load_prepared(path)
     assert "\n" not in str(e.value)
 
@@ -388,3 +389,224 @@ def test_same_file_name_in_two_identity_folders(tmp_path):
                          tmp_path / "cache", size=64, workers=0, progress=False)
     assert got["Ana/x.png"] != got["Bo/x.png"]
     assert not np.array_equal(load_prepared(got["Ana/x.png"]), load_prepared(got["Bo/x.png"]))
+
+
+# --- 7. adversarial cases: bad files, faults, races ------------------------------------------
+
+def _mini(root: Path, names: dict[str, np.ndarray | bytes], rows: list[tuple[str, str]]) -> Path:
+    for n, img in names.items():
+        p = root / "train" / "train" / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(img) if isinstance(img, bytes) else cv2.imwrite(str(p), img)
+    (root / "train" / "train").mkdir(parents=True, exist_ok=True)
+    (root / "train.csv").write_text("filename,ground_truth\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    return root
+
+
+def test_symlink_loop_in_the_image_folder_is_not_an_image(tmp_path):
+    data = _mini(tmp_path / "d", {}, [("x.png", "A")])
+    _rgba(data / "train" / "train" / "x.png", 0)
+    folder = data / "train" / "train"
+    os.symlink(folder / "b", folder / "a")
+    os.symlink(folder / "a", folder / "b")  # a -> b -> a
+    assert list(load_competition(data).train["filename"]) == ["x.png"]
+
+
+def test_unicode_name_typed_in_another_normal_form_is_found(tmp_path):
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "\u00d1and\u00fa.png")
+    data = _mini(tmp_path / "d", {}, [(nfc, "A")])
+    _rgba(data / "train" / "train" / unicodedata.normalize("NFD", nfc), 0)  # as macOS stores it
+    comp = load_competition(data)
+    assert comp.train["path"][0].is_file() and comp.train["filename"][0] == nfc
+
+
+def test_same_size_other_picture_is_prepared_again_and_touched_file_is_not(tmp_path):
+    src = tmp_path / "a.png"
+    rng = np.random.default_rng(0)
+    write = lambda img: cv2.imwrite(str(src), img, [cv2.IMWRITE_PNG_COMPRESSION, 0])  # noqa: E731 - size = f(shape)
+    write(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    first = prepare_images([src], tmp_path / "c", size=64, workers=0, progress=False)
+    before, size = first["a.png"].read_bytes(), src.stat().st_size
+    os.utime(src, ns=(1, 1))  # touched, same content: no work
+    assert prepare_images([src], tmp_path / "c", size=64, workers=0, progress=False).made == 0
+    write(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))  # another picture, same byte count
+    assert src.stat().st_size == size
+    again = prepare_images([src], tmp_path / "c", size=64, workers=0, progress=False)
+    assert again.made == 1 and again["a.png"].read_bytes() != before
+
+
+def test_torn_manifest_line_of_a_killed_run_is_ignored(tmp_path):
+    srcs = [tmp_path / f"a{i}.png" for i in range(3)]
+    for i, p in enumerate(srcs):
+        _rgba(p, i, empty=i == 2)
+    prepare_images(srcs, tmp_path / "c", size=64, workers=0, progress=False)
+    manifest = prepared_dir(tmp_path / "c", "crop", 0.05, 64) / "manifest.jsonl"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) - 20])  # the last record cut mid-line
+    again = prepare_images(srcs, tmp_path / "c", size=64, workers=0, progress=False)
+    assert again.made == 1 and again.empty_masks == ["a2.png"]
+
+
+def test_fully_prepared_cache_on_a_read_only_disk_is_used(tmp_path):
+    srcs = [tmp_path / f"a{i}.png" for i in range(3)]
+    for i, p in enumerate(srcs):
+        _rgba(p, i)
+    with _tmpfs(tmp_path / "cache", 4 << 20) as cache:
+        prepare_images(srcs, cache, size=64, workers=0, progress=False)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(cache)]).returncode == 0
+        os.utime(srcs[0], ns=(5, 5))  # touched: the cache cannot record the new time, and need not
+        again = prepare_images(srcs, cache, size=64, workers=0, progress=False)
+        assert again.made == 0 and len(again) == 3
+
+
+def test_disk_full_while_writing_a_chunk_is_one_line_and_resumes(model, prepared, tmp_path):
+    names, paths = prepared
+    with _tmpfs(tmp_path / "small", 64 << 10) as small:  # room for a few chunks only
+        ballast = small / "ballast"
+        ballast.write_bytes(b"\0" * (48 << 10))
+        with pytest.raises(JaguarKitError, match="disk full") as e:
+            _embed(model, names * 1, paths, small / "cache", chunk_size=1)
+        assert "\n" not in str(e.value)
+        done = sorted(p.name for p in (small / "cache").glob("*.npz"))
+        assert done and not list((small / "cache").glob(".*tmp*"))
+        ballast.unlink()
+        resumed = _embed(model, names, paths, small / "cache", chunk_size=1)
+        assert resumed.reused_chunks == list(range(len(done)))
+        np.testing.assert_allclose(resumed.embeddings, _embed(model, names, paths, tmp_path / "ref").embeddings,
+                                   atol=1e-6)
+
+
+def test_a_live_process_write_in_progress_is_not_removed(model, prepared, tmp_path):
+    """Two embedders on one cache: the second must not delete the first one's temporary file."""
+    names, paths = prepared
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        tmp = tmp_path / f".images_00000.npz.tmp-{other.pid}-abcd"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"half")
+        dead = tmp_path / ".images_00001.npz.tmp-999999999-abcd"  # a killed writer's
+        dead.write_bytes(b"half")
+        _embed(model, names, paths, tmp_path)
+        assert tmp.exists() and not dead.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(paths_short=True), "12 names but 11 image paths"),
+    (dict(duplicate=True), "listed twice"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(tta="flip8"), "embed.tta"),
+])
+def test_bad_embed_arguments_are_one_line(model, prepared, tmp_path, bad, match):
+    names, paths = prepared
+    names, paths = list(names), list(paths)
+    if bad.pop("paths_short", False):
+        paths = paths[:-1]
+    if bad.pop("duplicate", False):
+        names[3] = names[2]
+    with pytest.raises(JaguarKitError, match=match):
+        _embed(model, names, paths, tmp_path, **bad)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncated", "not a jaguar_kit embeddings file"),
+    ("nan", "not finite"),
+    ("duplicate", "two vectors"),
+    ("shape", "names but vectors of shape"),
+])
+def test_damaged_embeddings_file_is_one_line(tmp_path, damage, match):
+    path = tmp_path / "e.npz"
+    names, vectors = ["a.png", "b.png", "c.png"], np.eye(3, 4, dtype=np.float32)
+    if damage == "nan":
+        vectors[1, 0] = np.nan
+    if damage == "duplicate":
+        names[2] = "a.png"
+    if damage == "shape":
+        vectors = vectors[:2]
+    np.savez_compressed(path, names=np.array(names), vectors=vectors, model=np.array("m"))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(JaguarKitError, match=match) as e:
+        Embeddings.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_labels_of_other_images_are_refused_in_one_line(tmp_path):
+    Embeddings(["a.png", "b.png"], np.eye(2, dtype=np.float32), "m").save(tmp_path / "e.npz")
+    (tmp_path / "l.csv").write_text("filename,ground_truth\nx.png,A\ny.png,A\n")
+    with pytest.raises(JaguarKitError, match=r"0 of the 2 embedded images have a label \(e.g. 'a.png'\)"):
+        score([Embeddings.load(tmp_path / "e.npz")], read_labels(tmp_path / "l.csv"), Config().retrieval)
+
+
+def test_conflicting_labels_name_both_lines(tmp_path):
+    (tmp_path / "l.csv").write_text("filename,ground_truth\na.png,A\nb.png,B\na.png,C\n")
+    with pytest.raises(JaguarKitError, match=r"'a.png' is labelled 'A' on line 2 and 'C' on line 4"):
+        read_labels(tmp_path / "l.csv")
+
+
+def test_submit_with_missing_test_embeddings_says_how_many(competition, tmp_path):
+    comp = load_competition(competition)
+    test = list(comp.test_images["filename"])
+    Embeddings(test[:-2], np.eye(len(test) - 2, 8, dtype=np.float32), "m").save(tmp_path / "e.npz")
+    with pytest.raises(JaguarKitError, match=rf"2 of the {len(test)} test images have no embedding"):
+        submit([Embeddings.load(tmp_path / "e.npz")], competition, tmp_path / "s.csv", Config().retrieval)
+
+
+def test_loader_workers_after_preparing_in_process_do_not_deadlock(tmp_path):
+    """Preparing in this process starts OpenCV's thread pool; forked loader workers used to
+    resize that inherited pool and wait forever."""
+    script = tmp_path / "train_like.py"
+    script.write_text(textwrap.dedent(f"""
+        import cv2, numpy as np, torch
+        from pathlib import Path
+        from torch.utils.data import DataLoader
+        from jaguar_kit.data.dataset import ImageDataset, build_transform, worker_init
+        from jaguar_kit.data.prepare import prepare_images
+        src = Path({str(tmp_path / 'src')!r}); src.mkdir()
+        for i in range(4):
+            cv2.imwrite(str(src / f"{{i}}.png"), np.random.default_rng(i).integers(0, 255, (900, 1400, 4), np.uint8))
+        cv2.setNumThreads(4)
+        r = prepare_images(sorted(src.glob("*.png")), {str(tmp_path / 'cache')!r}, size=96, workers=0, progress=False)
+        ds = ImageDataset(list(r.values()), None, build_transform((64, 64), (0.5,) * 3, (0.5,) * 3))
+        n = sum(len(x) for x, _, _ in DataLoader(ds, batch_size=2, num_workers=2, worker_init_fn=worker_init))
+        print("LOADED", n)
+    """))
+    done = _run_script(script, timeout=120)
+    assert "LOADED 4" in done.stdout, done.stderr[-2000:]
+
+
+def test_cli_one_line_for_a_latin1_labels_file(tmp_path, capsys):
+    Embeddings(["a.png", "b.png"], np.eye(2, dtype=np.float32), "m").save(tmp_path / "e.npz")
+    (tmp_path / "l.csv").write_bytes("filename,ground_truth\na.png,Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--embeddings", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv")])
+    err = _one_error_line(capsys)
+    assert "not UTF-8" in err and "line 2" in err
+
+
+def test_tiny_cmyk_sixteen_bit_and_rotated_images_are_prepared(tmp_path):
+    from PIL import Image
+
+    one = np.zeros((1, 1, 4), np.uint8)
+    one[..., 3] = 255
+    cv2.imwrite(str(tmp_path / "one.png"), one)  # decodes to 1 x 1
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    rgba16 = np.zeros((30, 40, 4), np.uint16)
+    rgba16[..., 2] = 60000  # BGR order: red
+    rgba16[5:25, 5:35, 3] = 65535
+    cv2.imwrite(str(tmp_path / "rgba16.png"), rgba16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    Image.new("RGB", (60, 20), (200, 10, 10)).save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    names = ["one.png", "cmyk.jpg", "rgba16.png", "rot.jpg"]
+    r = prepare_images([tmp_path / n for n in names], tmp_path / "c", size=64, workers=0, progress=False)
+    got = {n: load_prepared(r[n]) for n in names}
+    assert got["one.png"].shape == (1, 1, 3)
+    assert got["cmyk.jpg"][15, 20, 0] > 200 and got["cmyk.jpg"][15, 20, 1:].max() < 40
+    assert got["rgba16.png"].shape == (22, 34, 3) and got["rgba16.png"][10, 10, 0] > 200  # cropped to the mask
+    assert got["rot.jpg"].shape == (60, 20, 3)  # upright, as a photo viewer shows it

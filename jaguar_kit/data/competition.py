@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +148,39 @@ def _image_dir(root: Path, name: str) -> Path | None:
 
 
 def _list_files(folder: Path) -> set[str]:
+    """Names of the regular files in ``folder`` (a link loop or a dangling link is no file)."""
+    names = set()
     with os.scandir(folder) as it:
-        return {e.name for e in it if e.is_file()}
+        for e in it:
+            try:
+                if e.is_file():
+                    names.add(e.name)
+            except OSError:
+                pass
+    return names
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a link loop, a name too long
+        return False
+
+
+def _disk_name(folder: Path, files: set[str], name: str) -> str | None:
+    """The name as it is on disk, or None when there is no such file.
+
+    A name typed on one system and the file saved on another may differ only in Unicode
+    form (macOS stores ``u`` + combining accent where a CSV has ``ú``): those are the same name.
+    """
+    for form in (name, unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name)):
+        if form in files or ("/" in form and _is_file(folder / form)):
+            return form
+    return None
 
 
 def _exists(folder: Path, files: set[str], name: str) -> bool:
-    return name in files or ("/" in name and (folder / name).is_file())
+    return _disk_name(folder, files, name) is not None
 
 
 def load_competition(root: str | Path, check_images: bool = True) -> Competition:
@@ -200,6 +228,7 @@ def load_competition(root: str | Path, check_images: bool = True) -> Competition
             problems.add("missing_train", f"{train_csv}: line {line}: image {fname!r} not found in {train_dir}")
 
     test_names: list[str] = []
+    test_files: set[str] = set()
     if pairs_df is not None:
         assert test_dir is not None
         test_files = _list_files(test_dir)
@@ -235,11 +264,12 @@ def load_competition(root: str | Path, check_images: bool = True) -> Competition
         {
             "filename": train_df["filename"].to_numpy(),
             "identity": train_df["ground_truth"].to_numpy(),
-            "path": [train_dir / f for f in train_df["filename"]],
+            "path": [train_dir / (_disk_name(train_dir, train_files, f) or f) for f in train_df["filename"]],
         }
     )
     test_images = pd.DataFrame(
-        {"filename": test_names, "path": [test_dir / f for f in test_names] if test_dir else []}
+        {"filename": test_names,
+         "path": [test_dir / (_disk_name(test_dir, test_files, f) or f) for f in test_names] if test_dir else []}
     )
     if check_images:
         for df in (train, test_images):
