@@ -20,6 +20,12 @@
 # **A session timed out?** Attach this notebook's own output too and run it again: finished
 # chunks are reused, not recomputed.
 #
+# **For the submission notebook's tuning** (`TUNE`, on by default there), `VALIDATION = True` also
+# embeds each run's validation fold (the images it never trained on) with the same TTA into
+# `embeddings_val_model<i>.npz`; `inference.json` records which checkpoint (by content digest) and
+# TTA made each file. **For its pseudo-label round** (`PSEUDO_LABELS`), add `"train"` to `SPLITS`:
+# each identity's mean training embedding is what test images are assigned to.
+#
 # **Test-time augmentation** is the package default (`embed.tta`; `none`, `hflip` = the image and
 # its mirror, `flip4` = also the vertical flips). Jaguar flanks differ left to right, so a mirror
 # is not the same animal's other side: measure before you trust a flip. Set `MEASURE_TTA = True`
@@ -97,7 +103,11 @@ print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).pare
 
 # %% tags=["parameters"]
 CHECKPOINT_NAME = "best.pt"  # which checkpoint of each attached training run
-SPLITS = ["test"]  # what submission reads; add "train" only for a step that uses train embeddings
+SPLITS = ["test"]  # what submission reads; add "train" for the submit notebook's PSEUDO_LABELS
+# On by default: the submit notebook then chooses re-ranking and query expansion on real validation images
+# (re-ranking gained on one leaderboard and lost on another validation set) at the cost of embedding about
+# as many images again as the test set (the validation fold, ~380 real images), minutes on a T4.
+VALIDATION = True  # also embed each run's validation fold for the submit notebook's TUNE (and PSEUDO_LABELS)
 MEASURE_TTA = False  # True: score none / hflip / flip4 on the attached run's validation fold first
 FROZEN_IF_BETTER = True  # a run whose fine-tuning did not beat its frozen backbone (epoch 0) embeds with that backbone
 OVERRIDES = []  # more settings, written as described above (embed.tta, embed.chunk_size, ...)
@@ -141,13 +151,38 @@ if MEASURE_TTA:
 
 # %% [markdown]
 # ## Embed
+# Each model's test images (and, with `VALIDATION`, its run's validation fold; with `"train"` in `SPLITS`,
+# every training image), then `inference.json`: the TTA and, per model, the checkpoint's content digest
+# (how the submit notebook finds the run again), its fold and what it embedded with.
 
 # %%
-from jaguar_kit.train.checkpoint import model_source
+import json
 
+from jaguar_kit.config import config_from_dict
+from jaguar_kit.local import image_digest
+from jaguar_kit.pipeline import write_json
+from jaguar_kit.train.checkpoint import load_checkpoint, model_source
+
+MANIFEST = {"tta": cfg.embed.tta, "models": []}
 for i, checkpoint in enumerate(CHECKPOINTS):
     source = model_source(checkpoint) if FROZEN_IF_BETTER else checkpoint
-    for split in SPLITS:
-        emb = embed_split(source, DATA, split, default_cache_dir(), prepared_dir(), cfg, seed_roots=input_roots())
+    run = config_from_dict(load_checkpoint(checkpoint, verify=False)["config"])
+    model_cfg = cfg
+    if str(source).startswith("frozen:"):  # the run's images and fold, not this notebook's defaults
+        model_cfg = copy.deepcopy(cfg)
+        model_cfg.data = copy.deepcopy(run.data)
+        model_cfg.data.workers = cfg.data.workers
+    splits = list(SPLITS)
+    if VALIDATION and run.data.fold >= 0:
+        splits.append("val")
+    elif VALIDATION:
+        print(f"model {i}: trained on every image (data.fold -1): no validation fold to embed")
+    for split in dict.fromkeys(splits):
+        emb = embed_split(source, DATA, split, default_cache_dir(), prepared_dir(), model_cfg,
+                          seed_roots=input_roots())
         path = emb.save(working_root() / f"embeddings_{split}_model{i}.npz")
         print(f"model {i} {split}: {len(emb.names)} images -> {path}")
+    MANIFEST["models"].append({"model": i, "checkpoint": str(checkpoint), "digest": image_digest(checkpoint),
+                               "source": str(source), "fold": run.data.fold, "splits": list(dict.fromkeys(splits))})
+write_json(working_root() / "inference.json", MANIFEST)
+print(json.dumps(MANIFEST, indent=1))

@@ -14,9 +14,28 @@
 # %% [markdown]
 # # jaguar_kit: submission
 # Averages the similarities of every attached model's test embeddings (the inference notebook's
-# output: `embeddings_test_model<i>.npz`), applies query expansion and k-reciprocal re-ranking,
-# writes `submission.csv` (one row per ordered pair of test images, similarity in [0, 1]) and
-# shows a retrieval grid.
+# output: `embeddings_test_model<i>.npz`), applies query expansion, k-reciprocal re-ranking and, when
+# chosen, local-feature verification, writes `submission.csv` (one row per ordered pair of test
+# images, similarity in [0, 1]) and shows a retrieval grid.
+#
+# **Tuning** (`TUNE`, on): when the inference notebook also embedded its runs' validation folds
+# (`VALIDATION = True` there, its default), `jaguar_kit.tune` scores every query-expansion /
+# re-ranking / blend setting (and, with `LOCAL_VERIFY`, the calibrated fusion of SIFT matches on each
+# query's shortlist) on those real validation images, picks the best, and reports its gain on
+# held-out identities (chosen on one half of the identities, scored on the other): the honest figure.
+# `tuned/` holds `tuned.json` (the settings used, readable by `jaguar-kit submit --config`), the table
+# it chose from and the report. Without validation embeddings it says so and uses the settings below.
+#
+# **One pseudo-label round** (`PSEUDO_LABELS`, off): test images that every attached model assigns
+# to the same known jaguar with a calibrated probability of at least `PSEUDO_THRESHOLD` join the
+# training set, and each model is fine-tuned once more from its `best.pt` (the original run's
+# recipe, its validation images left out). The round trains **here**, on the GPU this notebook is
+# pushed with (GPU T4 x2, like the others; one GPU is used): it needs the attached training output
+# (`best.pt`) and, from the inference notebook, `VALIDATION = True` and `SPLITS = ["test", "train"]`.
+# Its run goes to `pseudo/model<i>/run/` of this output, its test embeddings are made with its own
+# `best.pt` and the submission uses them; the retrieval settings stay those tuned on the original
+# models' validation embeddings. A hard stop after one round (a second round hurt in the public
+# solutions): run again with this output attached and the round is reported and reused, not repeated.
 
 # %% [markdown]
 # ## Install jaguar_kit
@@ -84,37 +103,178 @@ print(f"jaguar_kit {jaguar_kit.__version__} from {Path(jaguar_kit.__file__).pare
 # %% [markdown]
 # ## Settings
 # Fourth place used k1=20, lambda=0.3 and query expansion over the top 3; re-ranking is not a
-# fixed win (+0.01 to +0.02 on Round 1, a loss on a Round 2 validation set): compare on your folds.
+# fixed win (+0.01 to +0.02 on Round 1, a loss on a Round 2 validation set): with validation
+# embeddings attached, `TUNE` chooses instead of these values.
 # Any other config value: add `"section.key=value"` to `OVERRIDES`. The cell is tagged `parameters`.
 
 # %% tags=["parameters"]
+TUNE = True  # choose the settings below on the attached validation embeddings (when there are any)
+LOCAL_VERIFY = True  # let the tuning try SIFT verification of each query's shortlist (kept only if it helps)
 RERANK = True  # k-reciprocal re-ranking
 K1 = 20  # re-ranking: size of the k-reciprocal neighbourhood
 K2 = 6  # re-ranking: local query expansion
 LAMBDA = 0.3  # re-ranking: weight of the original distance
 QUERY_EXPANSION_K = 3  # 0: off
+PSEUDO_LABELS = False  # one pseudo-label round (it trains: on this notebook's GPU)
+PSEUDO_THRESHOLD = 0.9  # lowest calibrated probability (every model agreeing) for a test image to join training
+PSEUDO_EPOCHS = 0  # epochs of the round (0: the original run's)
+PSEUDO_OVERRIDES = []  # settings for the round's training, written like OVERRIDES
 OVERRIDES = []  # more settings, written as described above
 
 # %% [markdown]
-# ## Similarities, re-ranking, submission.csv
+# ## Embeddings
+# Every `embeddings_test_model<i>.npz` under the inputs is one model of the ensemble; the
+# validation (`embeddings_val_*`) and training (`embeddings_train_*`) files next to it, and
+# `inference.json` (the TTA, and each model's checkpoint by content digest), belong to it.
 
 # %%
+import copy
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+
 from jaguar_kit.config import Config, apply_overrides
-from jaguar_kit.data.competition import find_competition_dir
+from jaguar_kit.data.competition import find_competition_dir, load_competition
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import input_root, input_roots, working_root
-from jaguar_kit.pipeline import Embeddings, find_outputs, submit
+from jaguar_kit.kaggle.env import default_cache_dir, input_root, input_roots, prepared_dir, working_root
+from jaguar_kit.pipeline import Embeddings, embed_split, find_outputs, read_labels, submit
 
 cfg = apply_overrides(Config(), [f"retrieval.rerank={str(RERANK).lower()}", f"retrieval.k1={K1}", f"retrieval.k2={K2}",
                                  f"retrieval.lambda_value={LAMBDA}", f"retrieval.query_expansion_k={QUERY_EXPANSION_K}",
                                  *OVERRIDES])
 DATA = find_competition_dir(input_root())
-FILES = find_outputs([working_root(), *input_roots()], "embeddings_test_*.npz")
-if not FILES:
+LABELS = read_labels(DATA / "train.csv")
+ROOTS = [working_root(), *input_roots()]
+
+
+def model_files(split):
+    """(folder, model index) -> that model's embeddings file of one split."""
+    found = {}
+    for path in find_outputs(ROOTS, f"embeddings_{split}_model*.npz"):
+        m = re.fullmatch(rf"embeddings_{split}_model(\d+)\.npz", path.name)
+        if m:
+            found[(path.parent, int(m.group(1)))] = path
+    return found
+
+
+TEST, VAL, TRAIN = model_files("test"), model_files("val"), model_files("train")
+if not TEST:
     raise JaguarKitError("no embeddings_test_*.npz found: attach the inference notebook's output as an input")
-print("models:", *FILES, sep="\n  ")
+KEYS = sorted(TEST)
+MANIFESTS = {p.parent: json.loads(p.read_text()) for p in find_outputs(ROOTS, "inference.json")}
+TTA = next((MANIFESTS[folder]["tta"] for folder, _ in KEYS if folder in MANIFESTS), cfg.embed.tta)
+SETS = {k: Embeddings.load(TEST[k]) for k in KEYS}
+print(f"TTA of the embeddings: {TTA}")
+for i, k in enumerate(KEYS):
+    extra = [s for s, files in (("validation", VAL), ("train", TRAIN)) if k in files]
+    print(f"model {i}: {TEST[k]} ({len(SETS[k].names)} test images{', with ' + ' and '.join(extra) if extra else ''})")
+
+# %% [markdown]
+# ## Tune on validation
+# Every setting is scored with the competition's identity-balanced mAP on the validation images;
+# the printed table is the top of the one it chose from (`tuned/tune_table.csv` has every row).
+# With several models, the ensemble is tuned on the models that validated on the same fold.
+
+# %%
+if TUNE and any(k in VAL for k in KEYS):
+    from jaguar_kit.tune import summary, tune, write_outputs
+
+    VALSETS = {k: Embeddings.load(VAL[k]) for k in KEYS if k in VAL}
+    first = next(iter(VALSETS.values()))
+    same = [k for k, e in VALSETS.items() if set(e.names) == set(first.names)]
+    if len(same) < len(KEYS):
+        print(f"tuning on {len(same)} of the {len(KEYS)} models (the others have no validation embeddings "
+              "or validated on another fold)")
+    IMAGES = None
+    if LOCAL_VERIFY:
+        comp = load_competition(DATA, check_images=False)
+        IMAGES = dict(zip(comp.train["filename"].astype(str), comp.train["path"]))
+    workers = min(4, os.cpu_count() or 1) if len(first.names) >= 100 else 0
+    RESULT = tune({TTA: [VALSETS[k] for k in same]}, LABELS, cfg.retrieval, image_paths=IMAGES,
+                  local_cache=working_root() / "local_cache", base_tta=TTA, workers=workers)
+    TUNED = write_outputs(RESULT, working_root() / "tuned")
+    print(RESULT.table.head(10).to_string(index=False))
+    print(summary(RESULT))
+    cfg.retrieval = RESULT.retrieval
+    print(f"wrote {TUNED['config']}; the submission uses the chosen settings")
+elif TUNE:
+    print("TUNE: no embeddings_val_*.npz attached (VALIDATION = True in the inference notebook makes them): "
+          "submitting with the settings above")
+
+# %% [markdown]
+# ## One pseudo-label round (optional)
+# Per model: identity centroids from its training-fold embeddings, a softmax temperature fitted on
+# its validation embeddings, then the test images every model places in one identity above the
+# threshold. A round found among the inputs (this notebook's earlier output) is reused, never repeated.
+
+# %%
+ROUNDS = {}  # model index -> the round's best.pt
+if PSEUDO_LABELS:
+    from jaguar_kit.local import image_digest
+    from jaguar_kit.pseudo import PSEUDO_MARKER, IdentityModel, pseudo_label_round, select_pseudo_labels
+
+    PSEUDO_DIR = working_root() / "pseudo"
+    DONE = [m.parent for m in find_outputs(input_roots(), PSEUDO_MARKER) if (m.parent / "best.pt").is_file()]
+    if DONE:
+        print(f"PSEUDO_LABELS: a pseudo-label round already ran ({', '.join(map(str, DONE))}); only one round is "
+              "run (a second round hurt in the public solutions): no training, submitting with its models")
+        for run in DONE:
+            dst = PSEUDO_DIR / run.parent.name  # republished whole, so this output is complete by itself
+            shutil.copytree(run.parent, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("data"))
+            ROUNDS[int(run.parent.name.removeprefix("model"))] = dst / "run" / "best.pt"
+    else:
+        missing = [f"model {i}: no {what}" for i, k in enumerate(KEYS)
+                   for what, files in (("embeddings_val", VAL), ("embeddings_train", TRAIN)) if k not in files]
+        if missing:
+            raise JaguarKitError(f"PSEUDO_LABELS: {missing[0]}: set VALIDATION = True and SPLITS = [\"test\", \"train\"] "
+                                 "in the inference notebook and attach its output")
+        names = SETS[KEYS[0]].names
+        models, tests = [], []
+        for k in KEYS:
+            val, trained = Embeddings.load(VAL[k]), Embeddings.load(TRAIN[k])
+            gallery = [n for n in trained.names if n not in set(val.names)]
+            models.append(IdentityModel.fit(trained.subset(gallery).vectors, [LABELS[n] for n in gallery],
+                                            val.vectors, [LABELS[n] for n in val.names]))
+            tests.append(SETS[k].subset(names).vectors)
+        PSEUDO = select_pseudo_labels(models, tests, names, PSEUDO_THRESHOLD)
+        TOP = np.min([m.probabilities(t).max(1) for m, t in zip(models, tests)], axis=0)  # for choosing a threshold
+        print(f"pseudo-labels: {len(PSEUDO)} of {len(names)} test images reach {PSEUDO_THRESHOLD} "
+              f"with every model agreeing ({PSEUDO['ground_truth'].nunique()} identities); top probability per "
+              f"image: median {np.median(TOP):.3f}, 90th percentile {np.quantile(TOP, 0.9):.3f}, max {TOP.max():.3f}")
+        if len(PSEUDO) == 0:
+            print("no round: submitting with the attached models (lower PSEUDO_THRESHOLD to take more)")
+        else:
+            CHECKPOINTS = {image_digest(p): p for p in find_outputs(input_roots(), "best.pt")
+                           if not (p.parent / PSEUDO_MARKER).is_file()}
+            for i, (folder, j) in enumerate(KEYS):
+                entry = next((m for m in MANIFESTS.get(folder, {}).get("models", []) if m["model"] == j), None)
+                if entry is None or entry["digest"] not in CHECKPOINTS:
+                    raise JaguarKitError(f"PSEUDO_LABELS: model {i}: the best.pt its embeddings came from is not "
+                                         "attached (attach the training output the inference notebook used)")
+                out = PSEUDO_DIR / f"model{i}"
+                result = pseudo_label_round(CHECKPOINTS[entry["digest"]], DATA, PSEUDO, out,
+                                            epochs=PSEUDO_EPOCHS or None, overrides=PSEUDO_OVERRIDES,
+                                            prepared_root=prepared_dir())
+                print(result.summary())
+                shutil.rmtree(out / "data" / "train", ignore_errors=True)  # links to the input images only
+                ROUNDS[i] = result.best_checkpoint
+    embed_cfg = apply_overrides(copy.deepcopy(cfg), [f"embed.tta={TTA}"])
+    for i, checkpoint in sorted(ROUNDS.items()):
+        emb = embed_split(checkpoint, DATA, "test", default_cache_dir(), prepared_dir(), embed_cfg,
+                          seed_roots=input_roots())
+        path = emb.save(checkpoint.parent.parent / "embeddings_pseudo_test.npz")
+        SETS[KEYS[i]] = emb
+        print(f"model {i}: the round's model embedded {len(emb.names)} test images -> {path}")
+
+# %% [markdown]
+# ## Similarities, re-ranking, submission.csv
+
+# %%
 OUT = working_root() / "submission.csv"
-submit([Embeddings.load(f) for f in FILES], DATA, OUT, cfg.retrieval, grid_png=working_root() / "retrieval_grid.png")
+submit([SETS[k] for k in KEYS], DATA, OUT, cfg.retrieval, grid_png=working_root() / "retrieval_grid.png")
 print(f"wrote {OUT}\nsubmit with: kaggle competitions submit -c jaguar-re-id -f {OUT} -m \"jaguar_kit\"")
 
 # %% [markdown]

@@ -8,6 +8,7 @@ build on each other as a user's do, so the module shares them through fixtures.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -31,6 +32,10 @@ def _train_parameters(epochs: int) -> dict:
 
 
 INFER = {"OVERRIDES": ["embed.chunk_size=4", "embed.batch_size=8", "data.workers=0"]}
+# the cheap inference: test images only (journeys e and f); h and i attach validation and train embeddings
+INFER_TEST_ONLY = {**INFER, "VALIDATION": False}
+# local features on the 96 px synthetic images at their own size (the default 640 px would upscale them)
+SUBMIT_LOCAL = ["retrieval.local_size=96", "retrieval.local_features=150"]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +139,8 @@ def test_d_raising_epochs_extends_the_finished_run(kaggle, resumed_train):
 
 @pytest.fixture(scope="module")
 def resumed_infer(kaggle, resumed_train, first_infer):
-    killed = kaggle.run("infer", INFER, attach={"train": resumed_train}, fault="chunk-write:2")
-    resumed = kaggle.run("infer", INFER, resume=True, attach={"train": resumed_train, "infer": killed})
+    killed = kaggle.run("infer", INFER_TEST_ONLY, attach={"train": resumed_train}, fault="chunk-write:2")
+    resumed = kaggle.run("infer", INFER_TEST_ONLY, resume=True, attach={"train": resumed_train, "infer": killed})
     return killed, resumed
 
 
@@ -164,18 +169,27 @@ def test_e_killed_inference_resumes_reusing_finished_chunks(resumed_infer):
 # --------------------------------------------------------------------------- (f) submission
 
 
-def test_f_submission_from_the_attached_inference(kaggle, competition, resumed_infer):
-    _, infer = resumed_infer
-    sub = kaggle.run("submit", {}, attach={"infer": infer})
-    assert sub.ok, sub.tail()
-    df = pd.read_csv(sub.output / "submission.csv")
+def _assert_valid_submission(version, competition) -> pd.DataFrame:
+    df = pd.read_csv(version.output / "submission.csv")
     test = pd.read_csv(competition / "test.csv")
     n = len(set(test["query_image"]))
     assert len(df) == n * (n - 1) == len(test)
     assert list(df.columns) == ["row_id", "similarity"]
     assert list(df["row_id"]) == list(test["row_id"])
     assert df["similarity"].between(0, 1).all() and df["similarity"].notna().all()
+    return df
+
+
+def test_f_submission_from_the_attached_inference(kaggle, competition, resumed_infer):
+    _, infer = resumed_infer
+    sub = kaggle.run("submit", {}, attach={"infer": infer})
+    assert sub.ok, sub.tail()
+    _assert_valid_submission(sub, competition)
     assert "kaggle competitions submit -c jaguar-re-id" in sub.log
+    # TUNE is on by default; with no validation embeddings attached it says so in one line and goes on
+    said = [ln for ln in sub.log.splitlines() if ln.startswith("TUNE: no embeddings_val")]
+    assert len(said) == 1 and "VALIDATION = True" in said[0], sub.tail()
+    assert not any(f.startswith("tuned/") for f in sub.files())
 
 
 # --------------------------------------------------------------------------- (g) shipped defaults, offline
@@ -192,3 +206,88 @@ def test_g_shipped_defaults_without_weights_or_internet_fail_in_one_line_before_
     prepared = [p for p in first.scratch.rglob("*") if p.is_file()] + [
         p for p in first.output.rglob("*") if p.is_file() and "prepared" in p.parts]
     assert prepared == [], prepared[:5]  # failed before any image was prepared
+
+
+# --------------------------------------------------------------------------- (h) tuned on validation
+
+
+@pytest.fixture(scope="module")
+def validation_infer(kaggle, resumed_train):
+    """Inference that also embeds the run's validation fold (VALIDATION) and the train images (what the
+    pseudo-label round needs)."""
+    return kaggle.run("infer", {**INFER, "VALIDATION": True, "SPLITS": ["test", "train"]},
+                      attach={"train": resumed_train})
+
+
+def test_h_submission_tuned_on_the_attached_validation_embeddings(kaggle, competition, resumed_train,
+                                                                  validation_infer):
+    from jaguar_kit.config import load_config
+
+    assert validation_infer.ok, validation_infer.tail()
+    assert {"embeddings_val_model0.npz", "embeddings_train_model0.npz", "inference.json"} <= validation_infer.files()
+    with np.load(validation_infer.output / "embeddings_val_model0.npz") as z:
+        assert len(z["names"]) == 12  # the fold the run validated on: 2 of each identity's 6 images
+
+    sub = kaggle.run("submit", {"TUNE": True, "OVERRIDES": SUBMIT_LOCAL},
+                     attach={"infer": validation_infer, "train": resumed_train})
+    assert sub.ok, sub.tail()
+    assert {"tuned/tuned.json", "tuned/tune_table.csv", "tuned/tune_report.json"} <= sub.files()
+    tuned = load_config(sub.output / "tuned" / "tuned.json")
+    _assert_valid_submission(sub, competition)
+    # the printed table and the chosen setting, as tuned.json holds it
+    chosen = next(ln for ln in sub.log.splitlines() if ln.startswith("chosen: "))
+    described = json.loads(chosen.split(": ", 1)[1])
+    assert described["query_expansion_k"] == tuned.retrieval.query_expansion_k
+    assert described["rerank"] == tuned.retrieval.rerank and described["local_verify"] == tuned.retrieval.local_verify
+    assert re.search(r"tta\s+query_expansion_k\s+rerank\s+k1", sub.log), sub.tail()
+    assert "held-out" in sub.log and "the submission uses the chosen settings" in sub.log
+    if tuned.retrieval.local_verify:  # the chosen local stage ran on the test images too
+        assert any(f.startswith("local_cache/") for f in sub.files())
+
+
+# --------------------------------------------------------------------------- (i) one pseudo-label round
+
+
+# the tiny model is barely better than chance on six identities: its calibrated top probability stays near
+# 1/6, so the threshold is lowered below it and the test images qualify
+PSEUDO = {"TUNE": False, "PSEUDO_LABELS": True, "PSEUDO_THRESHOLD": 0.1, "PSEUDO_EPOCHS": 1}
+
+
+@pytest.fixture(scope="module")
+def pseudo_submit(kaggle, resumed_train, validation_infer):
+    return kaggle.run("submit", PSEUDO, attach={"infer": validation_infer, "train": resumed_train})
+
+
+def test_i_one_pseudo_label_round_trains_embeds_and_submits(pseudo_submit, competition, resumed_train):
+    sub = pseudo_submit
+    assert sub.ok, sub.tail()
+    found = re.search(r"pseudo-labels: (\d+) of 12 test images", sub.log)
+    assert found and int(found.group(1)) > 0, sub.tail()
+    files = sub.files()
+    assert {"pseudo/model0/run/best.pt", "pseudo/model0/run/pseudo_round.json", "pseudo/model0/pseudo_labels.csv",
+            "pseudo/model0/embeddings_pseudo_test.npz"} <= files, sorted(files)
+    assert not any(f.startswith("pseudo/model0/data/train/") for f in files)  # no links to the inputs kept
+    labels = pd.read_csv(sub.output / "pseudo" / "model0" / "pseudo_labels.csv")
+    assert len(labels) == int(found.group(1)) and (labels["probability"] >= 0.1).all()
+    round_cfg = _checkpoint(sub.output / "pseudo" / "model0" / "run" / "best.pt")["config"]
+    assert round_cfg["data"]["fold"] == -1 and round_cfg["train"]["epochs"] == 1
+    assert round_cfg["model"]["init_from"].endswith("jaguar-re-id-train/run/best.pt")
+    # the submission is the round's model's
+    with np.load(sub.output / "pseudo" / "model0" / "embeddings_pseudo_test.npz") as z:
+        assert len(z["names"]) == 12 and str(z["model"]).endswith("pseudo/model0/run/best.pt")
+    _assert_valid_submission(sub, competition)
+
+
+def test_i_running_again_reuses_the_round_and_starts_no_second(kaggle, competition, resumed_train, validation_infer,
+                                                               pseudo_submit):
+    again = kaggle.run("submit", PSEUDO, resume=True,
+                       attach={"infer": validation_infer, "train": resumed_train, "submit": pseudo_submit})
+    assert again.ok, again.tail()
+    assert "a pseudo-label round already ran" in again.log and "only one round" in again.log, again.tail()
+    assert not re.search(r"^epoch \d+:", again.log, re.MULTILINE), again.tail()  # nothing trained
+    best = "pseudo/model0/run/best.pt"
+    assert best in again.files()  # republished: this version's output is complete by itself
+    assert (again.output / best).read_bytes() == (pseudo_submit.output / best).read_bytes()
+    before = pd.read_csv(pseudo_submit.output / "submission.csv")
+    after = _assert_valid_submission(again, competition)
+    np.testing.assert_allclose(after["similarity"], before["similarity"], atol=1e-6)  # the same model submits
