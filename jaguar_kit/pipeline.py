@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from .config import Config, RetrievalConfig
 from .errors import JaguarKitError
@@ -46,7 +45,8 @@ class Embeddings:
         except FileNotFoundError:
             raise JaguarKitError(f"{path}: embeddings file not found") from None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({why})") from e
         if vectors.ndim != 2 or vectors.shape[0] != len(names):
             raise JaguarKitError(f"{path}: {len(names)} names but vectors of shape {vectors.shape}")
         if len(set(names)) != len(names):

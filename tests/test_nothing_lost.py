@@ -8,12 +8,10 @@ path-like file names. Each test reproduces a case that went wrong before.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, TINY_OVERRIDES, cli_env, run_cli
+from conftest import PYTHON, TINY_OVERRIDES, cli_env, run_cli
 from jaguar_kit import cli
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import load_competition, read_csv_checked
@@ -425,7 +423,7 @@ def test_unicode_name_typed_in_another_normal_form_is_found(tmp_path):
 def test_same_size_other_picture_is_prepared_again_and_touched_file_is_not(tmp_path):
     src = tmp_path / "a.png"
     rng = np.random.default_rng(0)
-    write = lambda img: cv2.imwrite(str(src), img, [cv2.IMWRITE_PNG_COMPRESSION, 0])  # noqa: E731 - size = f(shape)
+    write = lambda img: cv2.imwrite(str(src), img, [cv2.IMWRITE_PNG_COMPRESSION, 0])  # size depends on the shape only
     write(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
     first = prepare_images([src], tmp_path / "c", size=64, workers=0, progress=False)
     before, size = first["a.png"].read_bytes(), src.stat().st_size
