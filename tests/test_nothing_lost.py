@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import cv2
@@ -608,3 +609,48 @@ def test_tiny_cmyk_sixteen_bit_and_rotated_images_are_prepared(tmp_path):
     assert got["cmyk.jpg"][15, 20, 0] > 200 and got["cmyk.jpg"][15, 20, 1:].max() < 40
     assert got["rgba16.png"].shape == (22, 34, 3) and got["rgba16.png"][10, 10, 0] > 200  # cropped to the mask
     assert got["rot.jpg"].shape == (60, 20, 3)  # upright, as a photo viewer shows it
+
+
+_EMBED_SCRIPT = """
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from conftest import TINY_OVERRIDES
+from jaguar_kit.config import Config, apply_overrides
+from jaguar_kit.embed import embed_images
+from jaguar_kit.models import build_model
+torch.manual_seed(0)
+model = build_model(apply_overrides(Config(), list(TINY_OVERRIDES)).model).eval()
+paths = {paths!r}
+r = embed_images(model, [p.rsplit("/", 1)[1] for p in paths], paths, sys.argv[1], torch.device("cpu"), tta="none",
+                 chunk_size=4, batch_size=4, progress=False)
+np.save(sys.argv[2], r.embeddings)
+"""
+
+
+def test_two_embedders_on_one_cache_both_finish(prepared, tmp_path):
+    """The first is frozen mid-write (SIGSTOP at its first chunk write); the second runs to the
+    end on the same cache; the first then resumes. Before, the second deleted the first one's
+    temporary file and the first died with a FileNotFoundError traceback."""
+    names, paths = prepared
+    script = tmp_path / "embed.py"
+    script.write_text(_EMBED_SCRIPT.format(tests=str(Path(__file__).parent), paths=[str(p) for p in paths]))
+    cache = tmp_path / "cache"
+    first = subprocess.Popen([PYTHON, str(script), str(cache), str(tmp_path / "a.npy")],
+                             env=cli_env(JAGUAR_KIT_FAULT="chunk-write:1:SIGSTOP"), stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until it stops inside its first chunk write
+            state = Path(f"/proc/{first.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "T":
+                break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        assert list(cache.glob(".*.tmp-*")), "the first embedder is not mid-write"
+        second = subprocess.run([PYTHON, str(script), str(cache), str(tmp_path / "b.npy")], env=cli_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert not list(cache.glob(".*.tmp-*"))
