@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except JaguarKitError as e:
-        from .data.dataset import plain_message  # one line also when a loader worker raised it
+        from .errors import plain_message  # one line also when a loader worker raised it
 
         print(f"error: {plain_message(e)}", file=sys.stderr)
         sys.exit(2)

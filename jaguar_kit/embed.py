@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, plain_message, worker_init
-from .errors import JaguarKitError
+from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, worker_init
+from .config import Tta, check_choice
+from .errors import JaguarKitError, plain_message
 from .files import atomic_path, fault_point, remove_stale_temporaries
 
 TTA_VIEWS = {
@@ -162,8 +163,7 @@ def embed_images(
     the same pictures. ``weights_id`` saves hashing the weights again when the caller already
     did (:func:`weights_digest`). Bad input raises a one-line :class:`JaguarKitError`.
     """
-    if tta not in TTA_VIEWS:
-        raise JaguarKitError(f"embed.tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+    check_choice("embed.tta", tta, Tta)
     if chunk_size < 1 or batch_size < 1:
         raise JaguarKitError(f"embed: chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
     names, paths = [str(n) for n in names], list(paths)

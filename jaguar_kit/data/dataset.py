@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..errors import JaguarKitError
+from ..config import Augment, check_choice
 from .prepare import load_prepared
 
-_WRAPPED = "Original Traceback"  # how torch's DataLoader forwards an exception raised in a worker
 
 
 def build_transform(
@@ -46,8 +46,8 @@ def build_transform(
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
             v2.RandomGrayscale(p=0.1),
         ]
-    elif train and augment != "none":
-        raise ValueError(f"train.augment must be 'light' or 'none', got {augment!r}")
+    else:
+        check_choice("train.augment", augment, Augment)
     if train and hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -94,22 +94,6 @@ class ImageDataset(Dataset):
                 x = self.transform(image)
         label = -1 if self.labels is None else int(self.labels[index])
         return x, label, index
-
-
-def plain_message(err: BaseException) -> str:
-    """The one-line message of ``err``, also when a DataLoader worker raised it.
-
-    torch re-raises a worker's exception in the main process with the worker's whole
-    traceback as its message; the original message is that traceback's last line.
-    """
-    text = str(err)
-    if _WRAPPED not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1].strip()
-    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
 
 
 def worker_init(_: int) -> None:

@@ -42,13 +42,13 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config, config_from_dict, diff_configs
 from ..data.competition import load_competition
-from ..data.dataset import ImageDataset, build_transform, sample_seed, worker_init
+from ..data.dataset import ImageDataset, build_transform, loader_safe_opencv, sample_seed, worker_init
 from ..data.folds import fold_split
 from ..data.prepare import prepare_images
 from ..data.sampler import PKSampler
 from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
-from ..errors import JaguarKitError
+from ..errors import JaguarKitError, plain_message
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
 from ..kaggle.env import input_roots, prepared_dir
 from ..losses import ReIDCriterion
@@ -463,9 +463,14 @@ def train(
     is_main = rank == 0
     progress = progress and is_main
     check_trainable(cfg)
-    with RunLock(run_dir) if is_main else nullcontext():
-        return _train_locked(cfg, data_dir, run_dir, prepared_root, progress, resume_roots, t_start,
-                             rank, local_rank, world)
+    try:
+        with RunLock(run_dir) if is_main else nullcontext():
+            return _train_locked(cfg, data_dir, run_dir, prepared_root, progress, resume_roots, t_start,
+                                 rank, local_rank, world)
+    except JaguarKitError as e:  # raised in a loader worker, torch wraps it in the worker's traceback
+        if plain_message(e) == str(e):
+            raise
+        raise type(e)(plain_message(e)) from None
 
 
 def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_root: str | Path | None,
@@ -634,6 +639,7 @@ class Trainer:
         """The rest of the epoch in progress; True if it stopped early (signal or time budget)."""
         s, tc, cfg, device = self.state, self.cfg.train, self.cfg, self.info.device
         self.module.train()
+        loader_safe_opencv()  # before forking loader workers
         epoch = s.epoch
         batches = self.sampler.batches(epoch)[:self.batches_per_epoch]
         items = [[(i, sample_seed(tc.seed, epoch, b, j) + self.rank) for j, i in enumerate(batch)]
