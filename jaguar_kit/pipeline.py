@@ -141,31 +141,29 @@ def _seed_cache(cache_dir: Path, digest: str, roots: Sequence[Path]) -> None:
     """Copy finished chunks of these weights from attached outputs into the working cache."""
     import shutil
 
-    for root in roots:
-        if not Path(root).is_dir():
+    from .kaggle.env import find_folders
+
+    for src_dir in find_folders(lambda f: f.path.name == digest, [Path(r) for r in roots]):
+        if src_dir.resolve() == cache_dir.resolve():
             continue
-        for src_dir in Path(root).rglob(digest):
-            if not src_dir.is_dir() or src_dir.resolve() == cache_dir.resolve():
-                continue
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            for chunk in src_dir.glob("*.npz"):
-                if not (cache_dir / chunk.name).exists():
-                    with atomic_path(cache_dir / chunk.name) as tmp:
-                        shutil.copyfile(chunk, tmp)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for chunk in src_dir.glob("*.npz"):
+            if not (cache_dir / chunk.name).exists():
+                with atomic_path(cache_dir / chunk.name) as tmp:
+                    shutil.copyfile(chunk, tmp)
 
 
 def find_outputs(roots: Sequence[Path], pattern: str) -> list[Path]:
     """Files matching ``pattern`` under ``roots`` (e.g. ``best.pt`` of attached training runs).
 
-    Sorted by path within each root; a file reached twice (through a link, or a root
-    inside another) is listed once.
+    The inputs' one bounded walk, shallowest first; a file reached twice (through a link,
+    or a root inside another) is listed once.
     """
-    found: dict[Path, None] = {}
-    for root in roots:
-        if Path(root).is_dir():
-            for p in sorted(Path(root).rglob(pattern)):
-                found.setdefault(p.resolve(), None)
-    return list(found)
+    from fnmatch import fnmatch
+
+    from .kaggle.env import find_files
+
+    return [p.resolve() for p in find_files(lambda name: fnmatch(name, pattern), [Path(r) for r in roots])]
 
 
 def similarity(sets: Sequence[Embeddings], cfg: RetrievalConfig, device: str | None = None) -> tuple[list[str], np.ndarray]:

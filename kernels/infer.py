@@ -121,11 +121,11 @@ import copy
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import default_cache_dir, input_root, input_roots, prepared_dir, working_root
+from jaguar_kit.kaggle.env import default_cache_dir, input_roots, prepared_dir, working_root
 from jaguar_kit.pipeline import embed_split, find_outputs, read_labels, score
 
 cfg = apply_overrides(Config(), list(OVERRIDES))
-DATA = find_competition_dir(input_root())
+DATA = find_competition_dir()  # under every input root
 CHECKPOINTS = find_outputs([working_root(), *input_roots()], CHECKPOINT_NAME)
 if not CHECKPOINTS:
     raise JaguarKitError(f"no {CHECKPOINT_NAME} found under {', '.join(map(str, input_roots()))}: attach the "

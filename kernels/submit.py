@@ -139,13 +139,13 @@ import numpy as np
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir, load_competition
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import default_cache_dir, input_root, input_roots, prepared_dir, working_root
+from jaguar_kit.kaggle.env import default_cache_dir, input_roots, prepared_dir, working_root
 from jaguar_kit.pipeline import Embeddings, embed_split, find_outputs, read_labels, submit
 
 cfg = apply_overrides(Config(), [f"retrieval.rerank={str(RERANK).lower()}", f"retrieval.k1={K1}", f"retrieval.k2={K2}",
                                  f"retrieval.lambda_value={LAMBDA}", f"retrieval.query_expansion_k={QUERY_EXPANSION_K}",
                                  *OVERRIDES])
-DATA = find_competition_dir(input_root())
+DATA = find_competition_dir()  # under every input root
 LABELS = read_labels(DATA / "train.csv")
 ROOTS = [working_root(), *input_roots()]
 

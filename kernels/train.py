@@ -117,12 +117,12 @@ import torch
 
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
-from jaguar_kit.kaggle.env import input_root, prepared_dir, working_root
+from jaguar_kit.kaggle.env import prepared_dir, working_root
 from jaguar_kit.train.engine import launch_ddp, train
 
 cfg = apply_overrides(Config(), [f"model.backbone={BACKBONE}", f"model.weights={WEIGHTS}", f"data.fold={FOLD}",
                                  f"train.epochs={EPOCHS}", *OVERRIDES])
-DATA = find_competition_dir(input_root())
+DATA = find_competition_dir()  # under every input root
 RUN = working_root() / "run"
 GPUS = torch.cuda.device_count()
 print(f"data: {DATA}\nrun folder: {RUN}\nprepared images: {prepared_dir()}\nGPUs: {GPUS}")

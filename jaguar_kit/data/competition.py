@@ -293,45 +293,28 @@ def _digest(d: Path) -> str:
     return h.hexdigest()
 
 
-def find_competition_dir(search_root: str | Path, max_depth: int = 5) -> Path:
-    """Find the one folder under ``search_root`` holding train.csv, test.csv and train images.
+def find_competition_dir(search_root: str | Path | None = None, max_depth: int | None = None) -> Path:
+    """Find the one folder under the inputs holding train.csv, test.csv and train images.
 
     Made for ``/kaggle/input`` and its layouts (``competitions/<slug>/``, legacy ``<slug>/``,
-    datasets nesting a copy deeper). Searches at most ``max_depth`` levels, follows
-    symlinks once, and does not descend into a found folder. Several folders with
-    identical CSVs are one dataset (the shortest path is returned); different ones are
-    ambiguous and an error lists them.
+    datasets nesting a copy deeper): the inputs' one bounded walk (``kaggle.env.find_folders``),
+    not descending into a found folder. ``search_root`` None searches every input root.
+    Several folders with identical CSVs are one dataset (the shortest path is returned);
+    different ones are ambiguous and an error lists them.
     """
-    search_root = Path(search_root)
-    if not search_root.is_dir():
+    from ..kaggle.env import INPUT_DEPTH, find_folders, input_roots
+
+    roots = input_roots() if search_root is None else [Path(search_root)]
+    missing = [r for r in roots if not r.is_dir()]
+    if search_root is not None and missing:
         raise JaguarKitError(f"{search_root}: folder not found (searching for the competition data)")
-    found: list[Path] = []
-    visited: set[str] = set()
-    searched = 0
-    stack: list[tuple[Path, int]] = [(search_root, 0)]
-    while stack:
-        d, depth = stack.pop()
-        real = os.path.realpath(d)
-        if real in visited:
-            continue
-        visited.add(real)
-        searched += 1
-        if _is_competition_dir(d):
-            found.append(d)
-            continue
-        if depth >= max_depth:
-            continue
-        try:
-            with os.scandir(d) as it:
-                subdirs = sorted(
-                    Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)
-                )
-        except OSError:
-            continue
-        stack.extend((s, depth + 1) for s in reversed(subdirs))
-    what = f"a folder with train.csv, test.csv and train/ (searched {searched} folders under {search_root}, depth <= {max_depth})"
+    depth = INPUT_DEPTH if max_depth is None else max_depth
+    found = find_folders(lambda f: "train.csv" in f.files and "test.csv" in f.files and _is_competition_dir(f.path),
+                         roots, depth)
     if not found:
-        raise JaguarKitError(f"competition data not found: no {what}; attach the competition or pass its folder")
+        raise JaguarKitError(f"competition data not found: no folder with train.csv, test.csv and train/ (searched "
+                             f"{depth} folder levels under {', '.join(map(str, roots))}); attach the competition or "
+                             "pass its folder")
     found.sort(key=lambda p: (len(p.parts), str(p)))
     if len({_digest(p) for p in found}) > 1:
         raise JaguarKitError(
