@@ -25,6 +25,24 @@ from .errors import JaguarKitError
 LOGISTICS = {"logistics": True}
 
 
+# The settings that take one of a few values. Each stage checks its argument against the same
+# type (check_choice), so the command line, a config file and the Python API give one message.
+AlphaMode = Literal["crop", "blank", "ignore"]
+FoldMode = Literal["stratified", "identity"]
+Pooling = Literal["gem", "gem-signed", "gem-clamp", "native"]
+Augment = Literal["none", "light"]
+Tta = Literal["flip4", "hflip", "none"]
+
+
+def check_choice(setting: str, value: Any, choices: Any, source: str = "") -> Any:
+    """``value`` if it is one of the ``Literal`` type ``choices``, else a one-line error naming ``setting``."""
+    allowed = typing.get_args(choices)
+    if value in allowed:
+        return value
+    raise JaguarKitError(f"{source + ': ' if source else ''}{setting}={value!r}: expected one of "
+                         f"{', '.join(map(str, allowed))}")
+
+
 def logistics(default: Any) -> Any:
     """A config field that does not change a run's result (workers, device, budgets, paths)."""
     return field(default=default, metadata=LOGISTICS)
@@ -32,12 +50,12 @@ def logistics(default: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    alpha_mode: Literal["crop", "blank", "ignore"] = "crop"  # how the RGBA mask is used
+    alpha_mode: AlphaMode = "crop"  # how the RGBA mask is used
     crop_margin: float = 0.05  # crop: margin around the mask's box, share of its size
     prepared_size: int = 768  # longest side of images in the prepared cache
     num_folds: int = 5  # cross-validation folds
     fold: int = 0  # the validation fold; -1 trains on every image (the final model)
-    split: Literal["stratified", "identity"] = "stratified"  # stratified: closed-set, like the test; identity: open-set
+    split: FoldMode = "stratified"  # stratified: closed-set, like the test; identity: open-set
     seed: int = 42  # fold assignment
     workers: int = logistics(2)  # processes for `prepare` and data-loader workers
 
@@ -47,7 +65,7 @@ class ModelConfig:
     backbone: str = "megadescriptor-l-384"  # a catalogue name or any timm name
     weights: str = "auto"  # auto | none | hf-hub:ORG/NAME | a folder | a weights file
     img_size: int = 0  # 0: the backbone's native size
-    pooling: Literal["gem", "gem-signed", "gem-clamp", "native"] = "gem"  # gem: signed for transformers, clamped for CNNs
+    pooling: Pooling = "gem"  # gem: signed for transformers, clamped for CNNs
     gem_p: float = 3.0  # initial GeM exponent (learnt)
     embedding_dim: int = 512  # size of the L2-normalised embedding
     grad_checkpointing: bool = logistics(False)  # recompute activations in backward: less memory, same result
@@ -80,7 +98,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off
     patience: int = 5  # early stopping, in epochs
     min_delta: float = 0.001
-    augment: Literal["none", "light"] = "light"  # training augmentation
+    augment: Augment = "light"  # training augmentation
     hflip: bool = False  # jaguar flanks differ left to right: off by default
     time_budget_h: float = logistics(11.5)  # stop with a checkpoint before Kaggle's 12 h limit
     resume: str = logistics("auto")  # auto | never | PATH to a checkpoint
@@ -95,7 +113,7 @@ class TrainConfig:
 @dataclass
 class EmbedConfig:
     chunk_size: int = 100  # images per cached .npz chunk (the unit a killed run loses)
-    tta: Literal["flip4", "hflip", "none"] = "none"  # none | hflip (none, h) | flip4 (none, h, v, hv): flips gained nothing beyond noise on validation (benchmarks/results/accuracy.json) and cost 2-4x; `jaguar-kit tune` measures them
+    tta: Tta = "none"  # none | hflip (none, h) | flip4 (none, h, v, hv): flips gained nothing beyond noise on validation (benchmarks/results/accuracy.json) and cost 2-4x; `jaguar-kit tune` measures them
     batch_size: int = 32  # images per forward pass, TTA views included
     cache_dir: str = ""  # "": /kaggle/working/cache on Kaggle, RUN/cache elsewhere
 
@@ -163,10 +181,7 @@ def _coerce(value: Any, typ: Any, where: str, source: str = "config") -> Any:
     if isinstance(typ, str):  # postponed annotations
         typ = {"int": int, "float": float, "bool": bool, "str": str}[typ]
     if typing.get_origin(typ) is Literal:
-        choices = typing.get_args(typ)
-        if value in choices:
-            return value
-        raise JaguarKitError(f"{source}: {where}={value!r}: expected one of {', '.join(map(str, choices))}")
+        return check_choice(where, value, typ, source)
     if typ is bool:
         if isinstance(value, bool):
             return value

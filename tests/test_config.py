@@ -55,3 +55,28 @@ def test_fingerprint_tracks_results_not_logistics():
     assert apply_overrides(Config(), ["train.resume=never", "train.device=cpu", "data.workers=8"]).fingerprint() == base
     assert apply_overrides(Config(), ["train.lr=0.1"]).fingerprint() != base
     assert config_from_dict({"model": {"embedding_dim": 256}}).fingerprint() != base
+
+
+def test_enumerations_are_checked_where_the_config_is_parsed_with_one_message():
+    with pytest.raises(JaguarKitError, match=r"^--set: embed.tta='flip8': expected one of flip4, hflip, none$"):
+        apply_overrides(Config(), ["embed.tta=flip8"])
+    with pytest.raises(JaguarKitError, match=r"cfg.yaml: data.alpha_mode='cut': expected one of crop, blank, ignore"):
+        config_from_dict({"data": {"alpha_mode": "cut"}}, source="cfg.yaml")
+    # the stages give the same message to a Python caller that skips the config
+    from jaguar_kit.embed import embed_images
+
+    with pytest.raises(JaguarKitError, match=r"^embed.tta='flip8': expected one of flip4, hflip, none$"):
+        embed_images(None, ["a"], ["a.png"], "/nonexistent", "cpu", tta="flip8")
+
+
+def test_jaguar_kit_config_lists_every_key_with_its_comment(capsys):
+    from jaguar_kit import cli
+    from jaguar_kit.config import describe_config
+
+    cli.main(["config", "--set", "train.epochs=3"])
+    out = capsys.readouterr().out
+    assert out.strip() == describe_config(apply_overrides(Config(), ["train.epochs=3"])).strip()
+    assert "train.epochs = 3  # raising it on a finished run extends it from last.pt" in out
+    for section in ("data", "model", "loss", "train", "embed", "retrieval"):
+        for key in getattr(Config(), section).__dataclass_fields__:
+            assert f"{section}.{key} = " in out

@@ -182,5 +182,5 @@ def test_empty_mask_keeps_full_image_and_is_flagged() -> None:
 
 def test_unknown_mode_rejected() -> None:
     rgb, mask = _scene()
-    with pytest.raises(JaguarKitError, match="alpha mode 'cut' unknown"):
+    with pytest.raises(JaguarKitError, match="data.alpha_mode='cut': expected one of crop, blank, ignore"):
         apply_alpha_mode(rgb, mask, "cut")

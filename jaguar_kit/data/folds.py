@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..config import FoldMode, check_choice
 from ..errors import JaguarKitError
 
 if TYPE_CHECKING:
     from ..config import DataConfig
 
-FOLD_MODES = ("stratified", "identity")
 
 
 def group_by_identity(labels: Sequence, what: str) -> tuple[list[str], list[np.ndarray]]:
@@ -55,8 +55,7 @@ def make_folds(
     labels: Sequence[str], num_folds: int = 5, seed: int = 42, mode: str = "stratified"
 ) -> FoldAssignment:
     """Assign each image a validation fold; the same labels and seed give the same folds."""
-    if mode not in FOLD_MODES:
-        raise JaguarKitError(f"fold mode {mode!r} unknown (expected one of {', '.join(FOLD_MODES)})")
+    check_choice("data.split", mode, FoldMode)
     if num_folds < 2:
         raise JaguarKitError(f"num_folds must be >= 2, got {num_folds}")
     identities, members = group_by_identity(labels, "cannot make folds")
@@ -133,4 +132,4 @@ def fold_split(labels: Sequence[str], data_cfg: "DataConfig", report: bool = Fal
     return FoldSplit(*split_indices(folds, data_cfg.fold))
 
 
-__all__ = ["FoldAssignment", "FoldSplit", "make_folds", "split_indices", "fold_split", "FOLD_MODES"]
+__all__ = ["FoldAssignment", "FoldSplit", "make_folds", "split_indices", "fold_split"]

@@ -19,13 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..config import AlphaMode, check_choice
 from ..errors import JaguarKitError
 
 # Alpha >= this is "the animal". The competition's masks are 0/255; a threshold at half
 # keeps anti-aliased edges that are mostly opaque and drops faint halo noise.
 MASK_THRESHOLD = 128
 
-ALPHA_MODES = ("crop", "blank", "ignore")
 
 # Extension -> format name; the only formats accepted (what the competition and camera
 # traps produce). Magic bytes decide the real format; a mismatch is refused.
@@ -196,8 +196,7 @@ def apply_alpha_mode(
     No mask, or an empty one (see :func:`mask_is_empty`), returns ``rgb`` unchanged: a
     picture without a usable mask is better kept whole than dropped or blacked out.
     """
-    if mode not in ALPHA_MODES:
-        raise JaguarKitError(f"alpha mode {mode!r} unknown (expected one of {', '.join(ALPHA_MODES)})")
+    check_choice("data.alpha_mode", mode, AlphaMode)
     if margin < 0:
         raise JaguarKitError(f"crop margin must be >= 0, got {margin}")
     if mode == "ignore" or mask is None:

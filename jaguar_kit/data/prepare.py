@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, fault_point
-from .images import ALPHA_MODES, apply_alpha_mode, decode_image_bytes, mask_is_empty
+from ..config import AlphaMode, check_choice
+from .images import apply_alpha_mode, decode_image_bytes, mask_is_empty
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,7 @@ def prepared_dir(cache_root: str | Path, alpha_mode: str, margin: float, size: i
 
     The margin only matters for ``crop`` and is left out of the other modes' names.
     """
-    if alpha_mode not in ALPHA_MODES:
-        raise JaguarKitError(f"alpha mode {alpha_mode!r} unknown (expected one of {', '.join(ALPHA_MODES)})")
+    check_choice("data.alpha_mode", alpha_mode, AlphaMode)
     if size < 1:
         raise JaguarKitError(f"prepared image size must be >= 1, got {size}")
     margin_part = f"-m{margin:g}" if alpha_mode == "crop" else ""

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Pooling, check_choice
 from ..errors import JaguarKitError
 from .backbones import BackboneSpec, get_backbone_spec, with_img_size
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("jaguar_kit")
 
-POOLINGS = ("gem", "gem-signed", "gem-clamp", "native")
 
 
 class GeM(nn.Module):
@@ -114,8 +114,7 @@ class ReIDModel(nn.Module):
         embedding_dim: int = 512,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise JaguarKitError(f"model.pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
+        check_choice("model.pooling", pooling, Pooling)
         self.backbone = backbone
         self.spec = spec
         self.embedding_dim = int(embedding_dim)
@@ -189,8 +188,6 @@ def build_model(cfg: "ModelConfig") -> ReIDModel:
     """
     from .weights import create_backbone, load_backbone_weights
 
-    if cfg.pooling not in POOLINGS:
-        raise JaguarKitError(f"model.pooling={cfg.pooling!r}: expected one of {', '.join(POOLINGS)}")
     if cfg.embedding_dim <= 0:
         raise JaguarKitError(f"model.embedding_dim={cfg.embedding_dim}: must be positive")
     if cfg.img_size < 0:
