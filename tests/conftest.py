@@ -82,3 +82,37 @@ def run_cli(*args, overrides=(), fault: str | None = None, timeout: float = 300,
         env["JAGUAR_KIT_FAULT"] = fault
     return subprocess.run(cli_command(*args, overrides=overrides), env=cli_env(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def train_cli(data, out, *overrides, fault: str | None = None):
+    """``jaguar-kit train`` on the tiny config, with ``last.pt`` written after every step."""
+    return run_cli("train", "--data", data, "--out", out,
+                   overrides=[*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides], fault=fault)
+
+
+def checkpoint_weights(path) -> dict:
+    """Every trained tensor of a checkpoint (model and ArcFace head), by name."""
+    from jaguar_kit.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"criterion.{k}": v for k, v in state["criterion"].items()}}
+
+
+@pytest.fixture(scope="session")
+def reference_run(competition, tmp_path_factory) -> Path:
+    """An uninterrupted tiny training run, the yardstick for every resumed or damaged one."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = train_cli(competition, out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def fake_wheel(folder: Path, version: str = "0.1.0", mtime: float | None = None) -> Path:
+    """A file named like our wheel (for the searches that find it; never installed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"jaguar_kit-{version}-py3-none-any.whl"
+    path.write_bytes(b"PK")
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path

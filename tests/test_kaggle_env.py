@@ -20,15 +20,6 @@ def off_kaggle(monkeypatch, tmp_path):
     return tmp_path
 
 
-def _wheel(folder: Path, version: str = "0.1.0", mtime: float | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"jaguar_kit-{version}-py3-none-any.whl"
-    path.write_bytes(b"PK")
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-    return path
-
-
 def test_off_kaggle_paths_default_to_local_work(off_kaggle):
     assert not env.is_kaggle()
     assert env.working_root() == off_kaggle / "work"

@@ -16,7 +16,7 @@ import sys
 import jupytext
 import nbformat
 import pytest
-from conftest import REPO
+from conftest import REPO, fake_wheel
 
 from jaguar_kit.kaggle import env
 from jaguar_kit.kaggle.push import build_notebook
@@ -91,15 +91,6 @@ def _run_install_cell(roots: list, tmp_path) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
-def _wheel(folder, version="0.1.0", mtime=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"jaguar_kit-{version}-py3-none-any.whl"
-    path.write_bytes(b"PK")
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-    return path
-
-
 @pytest.mark.parametrize("layout", [
     "datasets/alice/jaguar-kit-wheel",  # current Kaggle layout
     "jaguar-kit-wheel",  # legacy layout
@@ -109,10 +100,10 @@ def _wheel(folder, version="0.1.0", mtime=None):
 def test_install_cell_installs_the_wheel_the_walker_finds(layout, tmp_path):
     root = tmp_path / "input"
     (root / "competitions" / "jaguar-re-id" / "train").mkdir(parents=True)
-    _wheel(root / ".git")  # hidden: skipped by both
+    fake_wheel(root / ".git")  # hidden: skipped by both
     (root / "datasets" / "bob" / "other").mkdir(parents=True)
     (root / "datasets" / "bob" / "other" / "timm-1.0-py3-none-any.whl").write_bytes(b"PK")
-    wheel = _wheel(root / layout)
+    wheel = fake_wheel(root / layout)
     walker = env.find_files(lambda n: n.startswith("jaguar_kit-") and n.endswith(".whl"), [root])
     assert walker == [wheel]
     proc = _run_install_cell([root], tmp_path)
@@ -123,12 +114,12 @@ def test_install_cell_installs_the_wheel_the_walker_finds(layout, tmp_path):
 
 def test_install_cell_depth_links_and_versions_match_the_walker(tmp_path):
     root, other = tmp_path / "input", tmp_path / "elsewhere"
-    _wheel(root / "a" / "b" / "c" / "d" / "e" / "f" / "g" / "h", "9.0.0")  # 8 down: beyond both
-    real = _wheel(other / "datasets" / "alice" / "jaguar-kit-wheel", "0.10.0", mtime=1_000_000)
+    fake_wheel(root / "a" / "b" / "c" / "d" / "e" / "f" / "g" / "h", "9.0.0")  # 8 down: beyond both
+    real = fake_wheel(other / "datasets" / "alice" / "jaguar-kit-wheel", "0.10.0", mtime=1_000_000)
     (root / "jaguar-kit-wheel").mkdir(parents=True)
     (root / "jaguar-kit-wheel" / "loop").symlink_to(root, target_is_directory=True)  # a loop costs nothing
     (root / "old").mkdir()
-    _wheel(root / "old", "0.9.0")  # a lower version, newer file
+    fake_wheel(root / "old", "0.9.0")  # a lower version, newer file
     walker = env.find_files(lambda n: n.startswith("jaguar_kit-") and n.endswith(".whl"), [root, other])
     assert sorted(p.name for p in walker) == ["jaguar_kit-0.10.0-py3-none-any.whl", "jaguar_kit-0.9.0-py3-none-any.whl"]
     proc = _run_install_cell([root, f"  {other}  "], tmp_path)

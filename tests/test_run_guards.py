@@ -13,32 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, cli_command, cli_env, run_cli
+from conftest import TINY_OVERRIDES, checkpoint_weights, cli_command, cli_env, run_cli, train_cli
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.train import engine
 from jaguar_kit.train.checkpoint import load_checkpoint, non_finite_tensors
 from jaguar_kit.train.engine import train
 from jaguar_kit.train.memory import fit_batch, probe_step
-
-
-def _train_cli(data, out, *overrides, fault: str | None = None):
-    return run_cli("train", "--data", data, "--out", out,
-                   overrides=[*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides], fault=fault)
-
-
-def _weights(path):
-    state = load_checkpoint(path)
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"criterion.{k}": v for k, v in state["criterion"].items()}}
-
-
-@pytest.fixture(scope="module")
-def reference(competition, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = _train_cli(competition, out)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 def _one_line_error(proc, *needles):
@@ -53,7 +34,7 @@ def _one_line_error(proc, *needles):
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
 
-def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_bitwise_equal(competition, reference, tmp_path):
+def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_bitwise_equal(competition, reference_run, tmp_path):
     out = tmp_path / "run"
     # a real SIGINT (what Ctrl-C and Jupyter's Interrupt send) delivered right after step 3
     stopped = run_cli("train", "--data", competition, "--out", out, overrides=TINY_OVERRIDES, fault="train-step:3:SIGINT")
@@ -62,10 +43,10 @@ def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_bitwise_equal(competition, 
     assert "stopped cleanly (SIGINT) at epoch 1, batch 3" in stopped.stdout
     state = load_checkpoint(out / "last.pt")
     assert (state["epoch"], state["next_batch"], state["global_step"]) == (0, 3, 3)
-    resumed = _train_cli(competition, out)
+    resumed = train_cli(competition, out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and "epoch 0, batch 3" in resumed.stdout
-    a, b = _weights(out / "last.pt"), _weights(reference / "last.pt")
+    a, b = checkpoint_weights(out / "last.pt"), checkpoint_weights(reference_run / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -94,9 +75,9 @@ def test_ctrl_c_from_the_terminal_stops_cleanly_with_loader_workers(competition,
 
 
 @pytest.mark.parametrize("fold", ["-1", "0"])
-def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(competition, tmp_path, fold):
+def test_divergence_stops_in_one_line_and_never_saves_non_finitecheckpoint_weights(competition, tmp_path, fold):
     out = tmp_path / "run"
-    proc = _train_cli(competition, out, "train.lr=1e6", f"data.fold={fold}", "train.warmup_epochs=0")
+    proc = train_cli(competition, out, "train.lr=1e6", f"data.fold={fold}", "train.warmup_epochs=0")
     line = _one_line_error(proc, "diverged", "train.lr=1e+06", "last.pt keeps the last finite state")
     assert "step" in line
     for name in ("last.pt", "best.pt"):
@@ -122,18 +103,18 @@ def test_a_single_identity_is_refused(competition, tmp_path):
     shutil.copytree(competition, data)
     table = pd.read_csv(data / "train.csv")
     table[table["ground_truth"] == table["ground_truth"].iloc[0]].to_csv(data / "train.csv", index=False)
-    _one_line_error(_train_cli(data, tmp_path / "run"), "only 1 identity")
+    _one_line_error(train_cli(data, tmp_path / "run"), "only 1 identity")
 
 
 # --- resuming: settings and data ------------------------------------------------------------
 
 
-def test_raising_epochs_extends_a_finished_run_and_other_changes_are_refused_by_name(competition, reference, tmp_path):
+def test_raising_epochs_extends_a_finished_run_and_other_changes_are_refused_by_name(competition, reference_run, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
-    refused = _train_cli(competition, out, "train.lr=0.5", "loss.arcface_margin=0.3")
+    shutil.copytree(reference_run, out)
+    refused = train_cli(competition, out, "train.lr=0.5", "loss.arcface_margin=0.3")
     _one_line_error(refused, "train.lr: 0.001 -> 0.5", "loss.arcface_margin: 0.5 -> 0.3")
-    extended = _train_cli(competition, out, "train.epochs=3")
+    extended = train_cli(competition, out, "train.epochs=3")
     assert extended.returncode == 0, extended.stderr
     assert "extending to 3 epochs" in extended.stdout
     state = load_checkpoint(out / "last.pt")
@@ -141,9 +122,9 @@ def test_raising_epochs_extends_a_finished_run_and_other_changes_are_refused_by_
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3]
 
 
-def test_a_run_attached_from_a_previous_version_is_brought_over_whole(competition, reference, tmp_path):
+def test_a_run_attached_from_a_previous_version_is_brought_over_whole(competition, reference_run, tmp_path):
     attached = tmp_path / "input" / "notebooks" / "me" / "train-kernel" / "run"
-    shutil.copytree(reference, attached)
+    shutil.copytree(reference_run, attached)
     out = tmp_path / "working" / "run"
     result = train(apply_overrides(engine.Config(), TINY_OVERRIDES), competition, out, progress=False,
                    resume_roots=[tmp_path / "input"])
@@ -152,8 +133,8 @@ def test_a_run_attached_from_a_previous_version_is_brought_over_whole(competitio
     assert (out / "best.pt").read_bytes() == (attached / "best.pt").read_bytes()
 
 
-def test_an_attached_run_with_other_settings_is_refused_not_silently_restarted(competition, reference, tmp_path):
-    shutil.copytree(reference, tmp_path / "input" / "old" / "run")
+def test_an_attached_run_with_other_settings_is_refused_not_silently_restarted(competition, reference_run, tmp_path):
+    shutil.copytree(reference_run, tmp_path / "input" / "old" / "run")
     cfg = apply_overrides(engine.Config(), [*TINY_OVERRIDES, "train.lr=0.01"])
     with pytest.raises(JaguarKitError, match=r"train.lr: 0.001 -> 0.01"):
         train(cfg, competition, tmp_path / "working" / "run", progress=False, resume_roots=[tmp_path / "input"])
@@ -163,7 +144,7 @@ def test_resume_on_a_changed_train_csv_is_refused_saying_what_changed(competitio
     data = tmp_path / "data"
     shutil.copytree(competition, data)
     out = tmp_path / "run"
-    assert _train_cli(data, out, fault="train-step:2").returncode == -signal.SIGKILL
+    assert train_cli(data, out, fault="train-step:2").returncode == -signal.SIGKILL
     table = pd.read_csv(data / "train.csv")
     extra = table.iloc[:2].copy()
     for i, src in enumerate(extra["filename"]):
@@ -171,8 +152,8 @@ def test_resume_on_a_changed_train_csv_is_refused_saying_what_changed(competitio
                     (data / "train" / "train" if (data / "train" / "train").is_dir() else data / "train") / f"extra{i}.png")
     extra["filename"] = ["extra0.png", "extra1.png"]
     pd.concat([table, extra]).to_csv(data / "train.csv", index=False)
-    _one_line_error(_train_cli(data, out), "train.csv changed", "2 image(s) added", "accept_data_change")
-    accepted = _train_cli(data, out, "train.accept_data_change=true")
+    _one_line_error(train_cli(data, out), "train.csv changed", "2 image(s) added", "accept_data_change")
+    accepted = train_cli(data, out, "train.accept_data_change=true")
     assert accepted.returncode == 0, accepted.stderr
     assert "continuing on a changed train.csv" in accepted.stdout
 
@@ -203,9 +184,9 @@ def test_a_second_writer_is_refused_naming_the_first(competition, tmp_path):
 
 @pytest.mark.parametrize("damage, needle", [
     ("flip", "corrupted checkpoint"), ("truncate", "truncated or damaged"), ("random", "not a PyTorch checkpoint")])
-def test_a_damaged_checkpoint_is_named_as_such(reference, tmp_path, damage, needle):
+def test_a_damaged_checkpoint_is_named_as_such(reference_run, tmp_path, damage, needle):
     path = tmp_path / "best.pt"
-    data = bytearray((reference / "best.pt").read_bytes())
+    data = bytearray((reference_run / "best.pt").read_bytes())
     if damage == "flip":
         mid = len(data) // 2
         data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
@@ -219,9 +200,9 @@ def test_a_damaged_checkpoint_is_named_as_such(reference, tmp_path, damage, need
     assert "code" not in str(err.value)
 
 
-def test_embedding_from_a_corrupted_checkpoint_fails_in_one_line(competition, reference, tmp_path):
+def test_embedding_from_a_corrupted_checkpoint_fails_in_one_line(competition, reference_run, tmp_path):
     bad = tmp_path / "best.pt"
-    data = bytearray((reference / "best.pt").read_bytes())
+    data = bytearray((reference_run / "best.pt").read_bytes())
     data[len(data) // 2] ^= 0x01
     bad.write_bytes(bytes(data))
     proc = run_cli("embed", "--data", competition, "--out", tmp_path / "emb", "--checkpoint", bad,
@@ -302,16 +283,16 @@ def test_a_read_only_output_folder_is_one_line(competition, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        proc = _train_cli(competition, ro / "run")
+        proc = train_cli(competition, ro / "run")
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
     _one_line_error(proc, str(ro / "run"), "Read-only file system")
 
 
-def test_inference_falls_back_to_the_frozen_backbone_when_fine_tuning_lost(reference, tmp_path):
+def test_inference_falls_back_to_the_frozen_backbone_when_fine_tuning_lost(reference_run, tmp_path):
     from jaguar_kit.train.checkpoint import model_source
 
-    state = load_checkpoint(reference / "best.pt")
+    state = load_checkpoint(reference_run / "best.pt")
     for frozen_map, expected in ((1.0, "frozen:tiny-cnn"), (0.0, str(tmp_path / "best.pt"))):
         state["history"] = [{"epoch": 0, "val_map": frozen_map, "val_rank1": 0.0}, *state["history"][1:]]
         torch.save(state, tmp_path / "best.pt")

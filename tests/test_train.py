@@ -12,37 +12,17 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, cli_command, cli_env, run_cli
+from conftest import TINY_OVERRIDES, checkpoint_weights, cli_command, cli_env, run_cli, train_cli
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.train.checkpoint import load_checkpoint
 from jaguar_kit.train.engine import EarlyStopping, train, train_folds
 
 
-def _train_cli(data, out, *overrides, fault: str | None = None):
-    return run_cli("train", "--data", data, "--out", out,
-                   overrides=[*TINY_OVERRIDES, "train.checkpoint_every=1", *overrides], fault=fault)
-
-
-def _weights(path):
-    state = load_checkpoint(path)
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"criterion.{k}": v for k, v in state["criterion"].items()}}
-
-
 def _assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
-
-
-@pytest.fixture(scope="module")
-def reference_run(competition, tmp_path_factory):
-    """An uninterrupted run, the yardstick for every resumed one."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = _train_cli(competition, out)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_run):
@@ -59,14 +39,14 @@ def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_ru
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(competition, reference_run, tmp_path):
     out = tmp_path / "run"
-    killed = _train_cli(competition, out, fault="train-step:3")  # a real SIGKILL after step 3
+    killed = train_cli(competition, out, fault="train-step:3")  # a real SIGKILL after step 3
     assert killed.returncode == -signal.SIGKILL
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 0 and state["next_batch"] == 2  # mid-epoch
-    resumed = _train_cli(competition, out)
+    resumed = train_cli(competition, out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout
-    _assert_bitwise_equal(_weights(out / "last.pt"), _weights(reference_run / "last.pt"))
+    _assert_bitwise_equal(checkpoint_weights(out / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "metrics.csv").drop(columns="elapsed_s"),
         pd.read_csv(reference_run / "metrics.csv").drop(columns="elapsed_s"))
@@ -74,12 +54,12 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(competition, reference_r
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(competition, tmp_path):
     out = tmp_path / "run"
-    killed = _train_cli(competition, out, fault="checkpoint-write:3")
+    killed = train_cli(competition, out, fault="checkpoint-write:3")
     assert killed.returncode == -signal.SIGKILL
     state = load_checkpoint(out / "last.pt")  # the second write survived the third's death
     assert state["global_step"] == 2
     assert any(p.name.startswith(".last.pt.tmp-") for p in out.iterdir())  # the half-written file
-    resumed = _train_cli(competition, out)
+    resumed = train_cli(competition, out)
     assert resumed.returncode == 0, resumed.stderr
     assert not any(".tmp-" in p.name for p in out.iterdir())  # stale temporaries are cleared on resume
 
@@ -108,7 +88,7 @@ def test_time_budget_stop_then_resume_equals_uninterrupted(competition, tiny_con
     cfg.train.time_budget_h = 11.5
     second = train(cfg, competition, tmp_path / "run", progress=False, resume_roots=[])
     assert second.status == "finished"
-    _assert_bitwise_equal(_weights(tmp_path / "run" / "last.pt"), _weights(reference_run / "last.pt"))
+    _assert_bitwise_equal(checkpoint_weights(tmp_path / "run" / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
 
 
 def test_finished_run_is_not_retrained_and_other_config_is_refused(competition, tiny_config, reference_run, tmp_path):

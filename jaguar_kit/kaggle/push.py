@@ -45,7 +45,7 @@ from .metadata import (
 )
 
 METADATA_FILE = "kernel-metadata.json"
-GPU_KINDS = ("train", "infer")  # these must get a GPU; submit only scores embeddings
+GPU_KINDS = ("train", "infer", "submit")  # must get a GPU: submit may train a pseudo-label round
 _INVALID_SOURCES = re.compile(r"The following are not valid .*sources.*", re.IGNORECASE)
 _PUSH_ERROR = re.compile(r"Kernel push error.*", re.IGNORECASE)
 
