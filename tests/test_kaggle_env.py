@@ -67,6 +67,7 @@ def test_input_variable_is_read_one_way(off_kaggle, monkeypatch, tmp_path):
 
 
 def test_prepared_images_stay_out_of_the_kaggle_output(off_kaggle, monkeypatch, tmp_path):
+    monkeypatch.delenv("JAGUAR_KIT_PREPARED", raising=False)  # (the test session sets one)
     assert env.prepared_dir() == off_kaggle / "work" / "prepared"
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     monkeypatch.setenv("JAGUAR_KIT_WORKING", str(tmp_path / "working"))

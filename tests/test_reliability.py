@@ -250,9 +250,12 @@ class _Payload:
 def test_pickled_code_in_a_checkpoint_is_refused_and_never_run(tmp_path):
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
     evil = tmp_path / "last.pt"
-    with open(evil, "wb") as f:
+    with open(evil, "wb") as f:  # a bare pickle: not even a checkpoint archive
         pickle.dump({"model": {}, "x": _Payload(marker)}, f, protocol=2)
-    with pytest.raises(JaguarKitError, match="refused to load"):
+    with pytest.raises(JaguarKitError, match="not a PyTorch checkpoint"):
+        load_checkpoint(evil)
+    torch.save({"model": {}, "x": _Payload(marker)}, evil)  # a whole archive whose pickle would run code
+    with pytest.raises(JaguarKitError, match="refused: it holds Python objects other than tensors"):
         load_checkpoint(evil)
     shutil.copy(evil, tmp_path / "best.pt")
     with pytest.raises(SystemExit):
