@@ -92,10 +92,10 @@ class TrainConfig:
     head_lr_mult: float = 10.0  # head lr = top backbone lr x this
     weight_decay: float = 0.05  # AdamW, not on norms, biases or GeM p
     warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0
-    head_epochs: float = 0.0  # train the head alone first (backbone lr 0: a linear probe), then fine-tune all
+    head_epochs: float = 2.0  # the head alone first (backbone lr 0: a linear probe), then all (benchmarks/results/finetune.json)
     grad_accum: int = 1  # batches per optimiser step
     clip_grad: float = 1.0  # 0: off
-    ema_decay: float = 0.0  # 0: off
+    ema_decay: float = 0.99  # weight averaging, validated and saved as the model; 0: off (benchmarks/results/finetune.json)
     patience: int = 5  # early stopping, in epochs
     min_delta: float = 0.001
     augment: Augment = "light"  # training augmentation

@@ -28,6 +28,7 @@ TINY_OVERRIDES = [
     "train.steps_per_epoch=4",
     "train.lr=1e-3",
     "train.warmup_epochs=0.5",
+    "train.head_epochs=0.5",  # two steps of head-only training, then the backbone joins
     "embed.batch_size=16",
     "embed.chunk_size=5",
 ]

@@ -46,6 +46,16 @@ def test_demo_finishes_with_its_report_however_slow_the_machine(competition, tmp
     assert "Fine-tuning: 1 of 3 epochs" in (tmp_path / "demo" / "report.md").read_text()
 
 
+def test_ctrl_c_during_the_demo_training_stops_the_demo(competition, tmp_path, monkeypatch):
+    from jaguar_kit import files
+
+    files._fault_counts.clear()
+    monkeypatch.setenv("JAGUAR_KIT_FAULT", "train-step:1:SIGINT")  # a real Ctrl-C after the first step
+    with pytest.raises(KeyboardInterrupt):  # the CLI turns it into "interrupted ..., a rerun resumes", exit 130
+        run_demo(data=competition, out=tmp_path / "demo", overrides=[*TINY_OVERRIDES, "train.epochs=3"], progress=False)
+    assert (tmp_path / "demo" / "run" / "last.pt").is_file() and not (tmp_path / "demo" / "report.json").exists()
+
+
 def test_demo_sizes_epochs_to_the_budget():
     from jaguar_kit.demo import sized_epochs
 
