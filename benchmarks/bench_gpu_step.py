@@ -15,6 +15,7 @@ memory and speed; speed on a faster GPU does not carry over to a T4, memory does
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -61,6 +62,8 @@ def timed_steps(module, optimizer, batch: int, k: int, size: tuple[int, int], st
 
 
 def measure(backbone: str, steps: int) -> dict:
+    gc.collect()  # the previous backbone's tensors, then its cached blocks, go back to the GPU
+    torch.cuda.empty_cache()
     cfg = apply_overrides(Config(), [f"model.backbone={backbone}", "model.weights=none"])
     p, k = cfg.train.p, cfg.train.k
     device = torch.device("cuda")
@@ -109,8 +112,6 @@ def measure(backbone: str, steps: int) -> dict:
     run = timed_steps(module, optimizer, plan.p * k, k, size, steps)
     run["fits_t4_15gib"] = run["peak_gib"] * GIB < T4_BYTES
     out["capped_t4_with_plan"] = run
-    del module, model, criterion, optimizer
-    torch.cuda.empty_cache()
     return out
 
 

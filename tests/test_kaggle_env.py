@@ -24,7 +24,6 @@ def test_off_kaggle_paths_default_to_local_work(off_kaggle):
     assert not env.is_kaggle()
     assert env.working_root() == off_kaggle / "work"
     assert env.default_cache_dir() == off_kaggle / "work" / "cache"
-    assert env.input_root() == Path("/kaggle/input")
 
 
 def test_kaggle_defaults_are_kaggles_folders():
@@ -51,7 +50,6 @@ def test_env_vars_override_every_root(off_kaggle, monkeypatch, tmp_path):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")  # overrides win on Kaggle too
     monkeypatch.setenv("JAGUAR_KIT_INPUT", str(tmp_path / "in"))
     monkeypatch.setenv("JAGUAR_KIT_WORKING", str(tmp_path / "out"))
-    assert env.input_root() == tmp_path / "in"
     assert env.working_root() == tmp_path / "out"
     assert env.default_cache_dir() == tmp_path / "out" / "cache"
 
@@ -61,7 +59,6 @@ def test_input_variable_is_read_one_way(off_kaggle, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("JAGUAR_KIT_INPUT", os.pathsep.join(["~/in", "", str(tmp_path / "b"), " "]))
     assert env.input_roots() == [home / "in", tmp_path / "b"]
-    assert env.input_root() == home / "in"
     monkeypatch.setenv("JAGUAR_KIT_INPUT", "")
     assert env.input_roots() == [Path("/kaggle/input")]
 

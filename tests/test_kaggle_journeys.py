@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+import jaguar_kit
 from conftest import TINY_OVERRIDES
 from kaggle_sim import KaggleSim, build_wheel_dataset
 
@@ -74,7 +76,7 @@ def first_infer(kaggle, resumed_train):
 
 def test_a_killed_training_resumes_in_the_next_version_and_hands_over_the_whole_run(killed_train, resumed_train):
     assert not killed_train.ok, killed_train.tail()
-    assert "jaguar_kit 0.1.0 from" in killed_train.log and "site-packages" in killed_train.log  # installed by the cell
+    assert f"jaguar_kit {jaguar_kit.__version__} from" in killed_train.log and "site-packages" in killed_train.log  # installed by the cell
     assert "run/last.pt" in killed_train.files(), killed_train.tail()  # the first checkpoint was kept
     assert _checkpoint(killed_train.output / "run" / "last.pt")["status"] == "running"
 

@@ -8,7 +8,6 @@ from .env import (
     default_cache_dir,
     find_files,
     find_folders,
-    input_root,
     input_roots,
     internet_on,
     is_kaggle,
@@ -28,7 +27,6 @@ from .metadata import (
 __all__ = [
     "is_kaggle",
     "input_roots",
-    "input_root",
     "working_root",
     "default_cache_dir",
     "prepared_dir",

@@ -56,11 +56,6 @@ def input_roots() -> list[Path]:
     return roots or [KAGGLE_INPUT]
 
 
-def input_root() -> Path:
-    """The first input folder (for callers that take one; prefer :func:`input_roots`)."""
-    return input_roots()[0]
-
-
 def working_root() -> Path:
     """The writable root a run writes under (kept as the kernel's output on Kaggle)."""
     env = _env_path("JAGUAR_KIT_WORKING")
@@ -207,7 +202,6 @@ __all__ = [
     "InputFolder",
     "is_kaggle",
     "input_roots",
-    "input_root",
     "working_root",
     "default_cache_dir",
     "prepared_dir",
