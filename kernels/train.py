@@ -133,8 +133,7 @@ if GPUS > 1:
         raise RuntimeError("DDP training failed: see the log above")
 else:
     result = train(cfg, DATA, RUN, prepared_root=prepared_dir())
-    best = "n/a" if result.best_map is None else f"{result.best_map:.4f}"
-    print(f"{result.status} after {result.epochs_done} epochs; best val mAP {best}")
+    print(result.summary())  # status, epochs, best validation mAP against the frozen backbone's (epoch 0)
 
 # %% [markdown]
 # ## Training curves
