@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a competition-shaped folder (default: generate the synthetic one)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
-    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the fine-tuning step")
+    p.add_argument("--minutes", type=float, default=12.0,
+                   help="time budget of the demo; fine-tuning gets 60%% of it, as many epochs as fit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
