@@ -744,9 +744,12 @@ class Trainer:
 
             model = FrozenBackbone(s.model.backbone, s.model.spec)
         was_training = model.training
-        emb = compute_embeddings(model.eval(), self.val_ds, self.info.device, batch_size=self.cfg.train.p * self.cfg.train.k,
-                                 workers=self.cfg.data.workers, amp_dtype=self.info.amp_dtype)
+        emb = compute_embeddings(model.eval(), self.val_ds, self.info.device,
+                                 batch_size=self.cfg.train.p * self.cfg.train.k, workers=self.cfg.data.workers,
+                                 amp_dtype=self.info.amp_dtype)
         model.train(was_training)
+        if not np.isfinite(emb).all():  # the model diverged, not the metric
+            raise self._diverged("the validation embeddings are not finite")
         score = identity_balanced_map(emb @ emb.T, self.data.identities[self.data.val_idx])
         return score.map, score.rank1
 
