@@ -484,7 +484,7 @@ def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_roo
     comp, table = training_table(data_dir)
     if is_main:
         remove_stale_temporaries(run_dir)  # we hold the lock: no other writer's temporaries
-        roots = resume_roots if resume_roots is not None else _default_resume_roots()
+        roots = resume_roots if resume_roots is not None else input_roots()
         plan = plan_resume(cfg, run_dir, table, roots)
         for m in plan.messages:
             print(m)
@@ -817,10 +817,6 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
         save_training_curves(df, run_dir / "curves.png")
     except ImportError as e:  # matplotlib missing: curves are a convenience, metrics.csv has the data
         print(f"note: no training-curve PNG ({e})")
-
-
-def _default_resume_roots() -> list[Path]:
-    return input_roots()
 
 
 def train_folds(cfg: Config, data_dir: str | Path, out_dir: str | Path, folds: list[int] | None = None,
