@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, worker_init
 from .config import Tta, check_choice
 from .errors import JaguarKitError, plain_message
-from .files import atomic_path, fault_point, remove_stale_temporaries
+from .files import atomic_path, fault_point, file_sha256, remove_stale_temporaries
 
 TTA_VIEWS = {
     "none": ("none",),
@@ -110,8 +110,7 @@ def chunk_fingerprint(base: str, names: Sequence[str], contents: Sequence[str] =
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes (the image an embedding was computed from)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except FileNotFoundError:
         raise JaguarKitError(f"{path}: image to embed not found (removed after it was prepared?)") from None
     except OSError as e:

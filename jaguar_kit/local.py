@@ -44,7 +44,6 @@ matcher must load weights attached as an input (this module never fetches anythi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
@@ -60,7 +59,7 @@ from tqdm.auto import tqdm
 from .config import RetrievalConfig
 from .embed import chunk_fingerprint
 from .errors import JaguarKitError
-from .files import atomic_path, fault_point, remove_stale_temporaries
+from .files import atomic_path, fault_point, file_sha256, remove_stale_temporaries
 
 FEATURE_VERSION = 1  # bump when extraction changes: cached features are then recomputed
 MAX_SCALE = 4.0  # largest accepted scale change between two views of one flank
@@ -204,11 +203,7 @@ class SiftMatcher:
 
 def image_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes (16 hex digits): the content key of its cached features."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _extract_file(task: tuple[str, LocalSettings]) -> ImageFeatures:

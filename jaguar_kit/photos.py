@@ -24,7 +24,6 @@ conventions (:func:`jaguar_kit.data.prepare.prepared_dir`: one folder per settin
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import multiprocessing
@@ -38,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import JaguarKitError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +233,10 @@ def _read_csv(path: Path) -> list[Photo]:
 
 def file_digest(path: str | Path) -> str:
     """A digest of the file's bytes (what a photo *is*, wherever it lies and whatever its name)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return file_sha256(path)[:32]
     except OSError as e:
         raise JaguarKitError(f"{path}: cannot read ({e.strerror or e})") from e
-    return h.hexdigest()[:32]
 
 
 def photo_key(photo: Photo, digest: str | None = None) -> str:

@@ -55,7 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import JaguarKitError
-from ..files import atomic_write_bytes, atomic_write_text, fault_point
+from ..files import atomic_write_bytes, atomic_write_text, fault_point, file_sha256
 from ..config import AlphaMode, check_choice
 from .images import apply_alpha_mode, decode_image_bytes, mask_is_empty
 
@@ -188,8 +188,7 @@ def _sha256(data: bytes) -> str:
 
 def _file_sha256(path: Path) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
