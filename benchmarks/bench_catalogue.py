@@ -30,11 +30,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaguar_kit.catalogue import build_catalogue, evaluate_open_set, identify, load_model, open_set_split
-from jaguar_kit.clustering import connected_groups, pairwise_agreement
+from jaguar_kit.photos.catalogue import build_catalogue
+from jaguar_kit.photos.evaluate import evaluate_open_set, open_set_split
+from jaguar_kit.photos.identify import identify
+from jaguar_kit.photos.model import load_model
+from jaguar_kit.photos.cluster import connected_groups, pairwise_agreement
 from jaguar_kit.data.synth import generate_competition
 from jaguar_kit.metrics import open_set_scores
-from jaguar_kit.photos import read_photos
+from jaguar_kit.photos.inputs import read_photos
 
 SEEDS = 10  # splits for the spread of the realised false-merge rate (embeddings reused)
 
@@ -72,7 +75,7 @@ def measure(source: str, photos, split, out: Path) -> dict:
     truth = [photos[i].identity for i in q]
     f = open_set_scores(res.top_ids, res.top_scores, truth, set(cat.identities), cat.calibration.threshold)
     # clustering the queries at the calibrated threshold
-    from jaguar_kit.catalogue import embed_photos
+    from jaguar_kit.photos.model import embed_photos
 
     _, emb, _ = embed_photos(model, [photos[i] for i in q], out / "queries", progress=False)
     agree = pairwise_agreement(connected_groups(emb, cat.calibration.threshold), truth)

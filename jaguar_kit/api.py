@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalogue import (
-    Catalogue,
-    Identification,
-    Model,
-    build_catalogue,
-    evaluate_open_set,
-    identify,
-    load_catalogue,
-    load_model,
-)
-from .clustering import Clustering, cluster, write_group_folders
-from .photos import Photo, read_photos
+from .photos.catalogue import Catalogue, build_catalogue, load_catalogue
+from .photos.cluster import Clustering, cluster, write_group_folders
+from .photos.evaluate import evaluate_open_set
+from .photos.identify import Identification, identify
+from .photos.inputs import Photo, read_photos
+from .photos.model import Model, load_model
+from .photos.model import embed_photos as embed_photos_cached
+from .photos.report import write_cluster_report, write_identify_report
 
 
 def embed_photos(model: Model, images: Sequence[str | Path | Photo] | str | Path, cache_dir: str | Path | None = None,
@@ -38,16 +34,14 @@ def embed_photos(model: Model, images: Sequence[str | Path | Photo] | str | Path
     Rows follow the input order. ``cache_dir`` keeps prepared photos and embeddings between
     calls (default: a temporary folder, removed afterwards).
     """
-    from .catalogue import embed_photos as _embed
-
     if isinstance(images, (str, Path)):
         photos = read_photos(images, folder_labels=False)
     else:
         photos = [p if isinstance(p, Photo) else Photo(Path(p)) for p in images]
     if cache_dir is not None:
-        return _embed(model, photos, cache_dir, progress=progress)[1]
+        return embed_photos_cached(model, photos, cache_dir, progress=progress)[1]
     with tempfile.TemporaryDirectory(prefix="jaguar_kit-") as tmp:
-        return _embed(model, photos, tmp, progress=progress)[1]
+        return embed_photos_cached(model, photos, tmp, progress=progress)[1]
 
 
 def update_catalogue(catalogue: Catalogue | str | Path, photos, model: Model | None = None,
@@ -64,15 +58,13 @@ def update_catalogue(catalogue: Catalogue | str | Path, photos, model: Model | N
 
 def score(embeddings: np.ndarray, identities: Sequence[str], new_share: float = 0.3, seed: int = 0,
           target_false_merge: float = 0.05) -> dict:
-    """Open-set figures on an identity-disjoint split (see :func:`jaguar_kit.catalogue.evaluate_open_set`)."""
+    """Open-set figures on an identity-disjoint split (see :func:`jaguar_kit.photos.evaluate.evaluate_open_set`)."""
     return evaluate_open_set(np.asarray(embeddings, np.float32), identities, new_share=new_share, seed=seed,
                              target_false_merge=target_false_merge)
 
 
 def write_report(result: Identification | Clustering, path: str | Path) -> Path:
     """The self-contained ``report.html`` of an identification or a clustering."""
-    from .report import write_cluster_report, write_identify_report
-
     if isinstance(result, Clustering):
         return write_cluster_report(result, path)
     return write_identify_report(result, path)

@@ -167,8 +167,9 @@ def _print_warnings(warnings) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .catalogue import build_catalogue, load_model
-    from .photos import read_photos
+    from .photos.catalogue import build_catalogue
+    from .photos.inputs import read_photos
+    from .photos.model import load_model
 
     photos = read_photos(args.photos, need_identity=True)
     model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
@@ -185,8 +186,10 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_identify(args: argparse.Namespace) -> None:
-    from .catalogue import identify, load_catalogue, load_model
-    from .report import write_identify_report
+    from .photos.catalogue import load_catalogue
+    from .photos.identify import identify
+    from .photos.model import load_model
+    from .photos.report import write_identify_report
 
     cat = load_catalogue(args.catalogue)
     model = None
@@ -204,9 +207,10 @@ def cmd_identify(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
-    from .catalogue import load_catalogue, load_model
-    from .clustering import cluster, write_group_folders
-    from .report import write_cluster_report
+    from .photos.catalogue import load_catalogue
+    from .photos.cluster import cluster, write_group_folders
+    from .photos.model import load_model
+    from .photos.report import write_cluster_report
 
     cat = load_catalogue(args.catalogue) if args.catalogue else None
     model = None
@@ -227,7 +231,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 def _score_open_set(args: argparse.Namespace) -> None:
     """The open-set report of ``score --open-set``: identities held out as new individuals."""
-    from .catalogue import evaluate_open_set
+    from .photos.evaluate import evaluate_open_set
     from .pipeline import Embeddings, read_labels
 
     labels = read_labels(args.labels)

@@ -126,7 +126,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "demo_out", overr
                                labels=[labels[n] for n in names])
 
     print("[7/7] your own photos: a catalogue of some jaguars, the others held out as new individuals")
-    from .catalogue import catalogue_demo
+    from .photos.evaluate import catalogue_demo
 
     # The frozen backbone, not the fine-tuned model: that saw every jaguar, so the "new" ones would not be new.
     own = catalogue_demo(data, f"frozen:{cfg.model.backbone}", out / "own_photos",

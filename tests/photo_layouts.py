@@ -92,7 +92,7 @@ PREPARED_SIZE = 128
 @functools.lru_cache(maxsize=1)
 def shared_model():
     """The frozen EfficientNet-Lite0, loaded once per test process."""
-    from jaguar_kit.catalogue import load_model
+    from jaguar_kit.photos.model import load_model
 
     return load_model(MODEL, device="cpu", prepared_size=PREPARED_SIZE)
 

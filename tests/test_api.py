@@ -18,7 +18,7 @@ def test_import_is_cheap_and_lazy():
             "heavy = [m for m in ('torch', 'numpy', 'pandas', 'cv2', 'timm') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "assert {'load_model', 'identify', 'cluster', 'build_catalogue'} <= set(dir(jk))\n"
-            "assert callable(jk.cluster) and jk.cluster.__module__ == 'jaguar_kit.clustering'\n"
+            "assert callable(jk.cluster) and jk.cluster.__module__ == 'jaguar_kit.photos.cluster'\n"
             "import jaguar_kit.embed\n"
             "assert callable(jk.embed_photos) and callable(jk.cluster)  # submodules do not shadow the calls\n"
             "print(jk.__version__)\n")

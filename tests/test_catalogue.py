@@ -11,23 +11,19 @@ import pytest
 from conftest import run_cli
 from photo_layouts import MODEL, PREPARED_SIZE, gaussian_embeddings, make_layout, shared_model
 
-from jaguar_kit.catalogue import (
-    Catalogue,
-    build_catalogue,
+from jaguar_kit.photos.calibration import (
     calibrate,
     duplicate_identity_pairs,
-    evaluate_open_set,
     fit_logistic,
     hold_out_scores,
-    identify,
-    identify_embeddings,
-    load_catalogue,
-    open_set_split,
     threshold_for_rate,
 )
+from jaguar_kit.photos.catalogue import Catalogue, build_catalogue, load_catalogue
+from jaguar_kit.photos.evaluate import evaluate_open_set, open_set_split
+from jaguar_kit.photos.identify import identify, identify_embeddings
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.metrics import auroc, open_set_scores
-from jaguar_kit.photos import read_photos
+from jaguar_kit.photos.inputs import read_photos
 
 # --- calibration on embeddings of known quality (no model needed) ------------------------------
 
@@ -164,7 +160,7 @@ def test_catalogue_build_update_and_reuse(layout, tmp_path):
     assert relabelled.embedded_now == 0 and relabelled.identities.count(layout.known[-1]) == \
         again.identities.count(layout.known[-1]) + 1
     # the same embeddings as a fresh run of the model (the cache does not go stale)
-    from jaguar_kit.catalogue import embed_photos
+    from jaguar_kit.photos.model import embed_photos
 
     _, fresh, _ = embed_photos(model, photos[:3], tmp_path / "fresh", progress=False)
     assert np.allclose(fresh, loaded.embeddings[:3], atol=1e-5)
@@ -281,7 +277,7 @@ def test_cli_score_open_set(tmp_path):
 
 
 def test_catalogue_demo_gives_the_figures_and_the_page(competition, tmp_path):
-    from jaguar_kit.catalogue import catalogue_demo
+    from jaguar_kit.photos.evaluate import catalogue_demo
 
     f = catalogue_demo(competition, shared_model(), tmp_path / "demo", progress=False)
     for key in ("top1_known", "top5_known", "auroc_known_vs_new", "false_merge", "false_split", "target_false_merge",

@@ -10,10 +10,10 @@ import pytest
 from conftest import run_cli
 from photo_layouts import MODEL, PREPARED_SIZE, gaussian_embeddings, make_layout, shared_model
 
-from jaguar_kit.catalogue import build_catalogue
-from jaguar_kit.clustering import cluster, connected_groups, name_groups, pairwise_agreement
+from jaguar_kit.photos.catalogue import build_catalogue
+from jaguar_kit.photos.cluster import cluster, connected_groups, name_groups, pairwise_agreement
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.photos import read_photos
+from jaguar_kit.photos.inputs import read_photos
 
 
 def test_connected_groups_recover_well_separated_individuals():

@@ -10,7 +10,7 @@ import pytest
 
 from jaguar_kit.data.prepare import load_prepared
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.photos import Photo, duplicate_files, prepare_photos, read_photos
+from jaguar_kit.photos.inputs import Photo, duplicate_files, prepare_photos, read_photos
 
 
 def _jpg(path: Path, rgb: np.ndarray) -> Path:

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from photo_layouts import make_layout, shared_model
 
-from jaguar_kit.catalogue import build_catalogue, identify
-from jaguar_kit.clustering import cluster
-from jaguar_kit.photos import Photo, read_photos
-from jaguar_kit.report import write_cluster_report, write_identify_report
+from jaguar_kit.photos.catalogue import build_catalogue
+from jaguar_kit.photos.cluster import cluster
+from jaguar_kit.photos.identify import identify
+from jaguar_kit.photos.inputs import Photo, read_photos
+from jaguar_kit.photos.report import write_cluster_report, write_identify_report
 
 
 class Page(HTMLParser):

@@ -36,8 +36,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import JaguarKitError
-from .files import atomic_write_bytes, file_sha256
+from ..data.competition import load_competition
+from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, decode_image
+from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
+from ..errors import JaguarKitError
+from ..files import atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ class Photo:
 
 
 def _is_image(p: Path) -> bool:
-    from .data.images import IMAGE_EXTENSIONS
-
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -138,8 +139,6 @@ def _read_folder(root: Path, folder_labels: bool) -> list[Photo]:
 
 
 def _read_competition(root: Path) -> list[Photo]:
-    from .data.competition import load_competition
-
     comp = load_competition(root, check_images=False)
     return [
         Photo(Path(p), str(i), None, str(f), f"{root / 'train.csv'} ({f})")
@@ -259,9 +258,6 @@ def cut_box(rgb: np.ndarray, mask: np.ndarray | None, box, where: str):
 
 def prepare_one_photo(src: Path, box, dst: Path, alpha_mode: str, margin: float, size: int, where: str) -> None:
     """Decode, cut the box, use the mask, shrink and store one photo as JPEG (atomically)."""
-    from .data.images import apply_alpha_mode, decode_image
-    from .data.prepare import JPEG_QUALITY, resize_longest
-
     rgb, mask = decode_image(src)
     rgb, mask = cut_box(rgb, mask, box, where)
     out = resize_longest(apply_alpha_mode(np.ascontiguousarray(rgb), mask, alpha_mode, margin), size)
@@ -301,8 +297,6 @@ def prepare_photos(
     Problems (unreadable photos, boxes outside the photo) are all collected and raised as one
     line naming the first; the photos prepared meanwhile stay in the cache.
     """
-    from .data.prepare import prepared_dir
-
     out_dir = prepared_dir(cache_root, alpha_mode, margin, size) / CONTENT_DIR
     digests: dict[Path, str] = {}
     keys, files, todo, seen = [], [], [], set()
@@ -337,8 +331,6 @@ def prepare_photos(
 
 def thumbnail_bytes(prepared: str | Path, size: int = THUMB_SIZE, quality: int = 80) -> bytes:
     """A small JPEG of a prepared photo (for catalogues and report pages)."""
-    from .data.prepare import load_prepared, resize_longest
-
     rgb = resize_longest(load_prepared(prepared), size)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:

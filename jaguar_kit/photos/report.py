@@ -11,16 +11,13 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .files import atomic_write_text
-from .photos import thumbnail_bytes
-
-if TYPE_CHECKING:
-    from .catalogue import Identification
-    from .clustering import Clustering
+from ..files import atomic_write_text
+from .cluster import Clustering
+from .identify import Identification
+from .inputs import thumbnail_bytes
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:20px;color:#222;background:#f6f6f3}
@@ -128,7 +125,7 @@ def identify_entries(ident: Identification, query_thumbs: list[bytes | None]) ->
 
 
 def write_identify_report(ident: Identification, path: str | Path, title: str = "Identification report") -> Path:
-    """``report.html`` for :func:`jaguar_kit.catalogue.identify`."""
+    """``report.html`` for :func:`jaguar_kit.photos.identify.identify`."""
     thumbs = [_thumb(f) for f in ident.prepared]
     n_new = sum(d == "new" for d in ident.decisions)
     rows = _calibration_rows(ident.catalogue)
@@ -142,7 +139,7 @@ def write_identify_report(ident: Identification, path: str | Path, title: str = 
 
 
 def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clustering report") -> Path:
-    """``report.html`` for :func:`jaguar_kit.clustering.cluster`: each group with its members."""
+    """``report.html`` for :func:`jaguar_kit.photos.cluster.cluster`: each group with its members."""
     thumbs = [_thumb(f) for f in result.prepared]
     n_groups = len(result.group_names)
     rows = [("Photos", f"{len(result.photos)} in {n_groups} groups "

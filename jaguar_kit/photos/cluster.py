@@ -2,7 +2,7 @@
 
 Two photos are linked when their similarity reaches the threshold, and groups are the
 connected components of these links (single linkage). That is the same rule
-:func:`jaguar_kit.catalogue.identify` applies to one photo against a catalogue individual
+:func:`jaguar_kit.photos.identify.identify` applies to one photo against a catalogue individual
 (its best match among the individual's photos), so a catalogue's calibrated threshold means
 the same thing here. Without a catalogue the threshold must be given.
 
@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .catalogue import Catalogue, Identification, Model, _identification, embed_photos, load_model
-from .errors import JaguarKitError
-from .files import atomic_path
-from .photos import Photo, read_photos
+from ..errors import JaguarKitError
+from ..files import atomic_path
+from .catalogue import Catalogue
+from .identify import Identification, _identification
+from .inputs import Photo, read_photos
+from .model import Model, embed_photos, load_model
 
 
 def connected_groups(embeddings: np.ndarray, threshold: float) -> np.ndarray:

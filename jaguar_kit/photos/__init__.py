@@ -1,0 +1,13 @@
+"""An ecologist's own photos: which known individual is this, or is it a new one?
+
+The modules follow the photos' path (each imports only those before it)::
+
+    inputs       read folders / CSVs of photos, prepare them once, keyed by content
+    model        the embedding model and the embeddings of photos
+    calibration  scores per individual and the calibrated `new` decision
+    catalogue    a folder of known individuals' embeddings and its calibration
+    identify     top-k individuals, probabilities and a decision per photo
+    cluster      groups of unlabelled photos, attached to known individuals
+    report       report.html, the page a person reviews
+    evaluate     open-set figures on an identity-disjoint split
+"""

@@ -1,0 +1,236 @@
+"""Catalogues of known individuals: index photos of named animals, with their calibration.
+
+A catalogue is a folder::
+
+    CATALOGUE/catalogue.npz   embeddings, content keys, identities, names, paths, boxes,
+                              thumbnails, and a JSON header (model, preprocessing, calibration)
+    CATALOGUE/catalogue.json  the same header, readable (counts per individual, warnings)
+    CATALOGUE/cache/          prepared photos and embedding chunks (safe to delete)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import JaguarKitError
+from ..files import atomic_path, atomic_write_text
+from .calibration import DEFAULT_TARGET_FMR, Calibration, calibrate, duplicate_identity_pairs, hold_out_scores
+from .inputs import Photo, duplicate_files, prepare_photos, read_photos, thumbnail_bytes
+from .model import Model, embed_prepared
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+NPZ = "catalogue.npz"
+SUMMARY = "catalogue.json"
+
+
+@dataclass
+class Catalogue:
+    """Embeddings of known individuals' photos, their model and calibration (see the module docstring)."""
+
+    keys: list[str]
+    identities: list[str]
+    names: list[str]
+    paths: list[str]
+    boxes: np.ndarray  # (N, 4) int, -1 where no box
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    thumbs: list[bytes]
+    model: dict  # source + Model.fingerprint
+    calibration: Calibration | None = None
+    warnings: list[str] = field(default_factory=list)
+    folder: Path | None = None
+    embedded_now: int = 0  # photos embedded by the call that built it (the others were reused)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def individuals(self) -> list[str]:
+        return sorted(set(self.identities))
+
+    def codes(self) -> tuple[np.ndarray, list[str]]:
+        codes, uniques = pd.factorize(pd.Series(self.identities, dtype=object))
+        return codes, [str(u) for u in uniques]
+
+    def header(self) -> dict:
+        from .. import __version__
+
+        counts = pd.Series(self.identities).value_counts().sort_index()
+        return {
+            "format": FORMAT_VERSION,
+            "jaguar_kit": __version__,
+            "model": self.model,
+            "photos": len(self),
+            "individuals": len(counts),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "warnings": self.warnings,
+            "photos_per_individual": {str(k): int(v) for k, v in counts.items()},
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``catalogue.npz`` and ``catalogue.json`` into ``folder`` atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        lengths = np.array([len(t) for t in self.thumbs], np.int64)
+        blob = np.frombuffer(b"".join(self.thumbs), np.uint8) if self.thumbs else np.zeros(0, np.uint8)
+        header = self.header()
+        with atomic_path(folder / NPZ) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, keys=np.array(self.keys, dtype=str), identities=np.array(self.identities, dtype=str),
+                names=np.array(self.names, dtype=str), paths=np.array(self.paths, dtype=str),
+                boxes=self.boxes.astype(np.int64).reshape(-1, 4), embeddings=self.embeddings.astype(np.float32),
+                thumb_lengths=lengths, thumbs=blob, header=np.array(json.dumps(header)),
+            )
+        atomic_write_text(folder / SUMMARY, json.dumps(header, indent=1) + "\n")
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Catalogue:
+        folder = Path(folder)
+        path = folder / NPZ if folder.is_dir() else folder
+        if not path.is_file():
+            raise JaguarKitError(f"{folder}: no catalogue here (make one with: jaguar-kit index --photos DIR --out {folder})")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                lengths = z["thumb_lengths"]
+                blob = z["thumbs"].tobytes()
+                ends = np.cumsum(lengths)
+                thumbs = [blob[e - n:e] for n, e in zip(lengths, ends)]
+                cat = cls(list(map(str, z["keys"])), list(map(str, z["identities"])), list(map(str, z["names"])),
+                          list(map(str, z["paths"])), z["boxes"], z["embeddings"], thumbs, header["model"],
+                          Calibration.from_dict(header.get("calibration")), list(header.get("warnings", [])),
+                          path.parent)
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise JaguarKitError(f"{path}: not a readable jaguar_kit catalogue ({type(e).__name__}: {e})") from e
+        if header.get("format") != FORMAT_VERSION:
+            raise JaguarKitError(f"{path}: catalogue format {header.get('format')}, this jaguar_kit reads {FORMAT_VERSION}")
+        n = len(cat.keys)
+        if not (len(cat.identities) == len(cat.names) == len(cat.paths) == len(thumbs) == n
+                and cat.embeddings.shape[0] == n and cat.boxes.shape == (n, 4)):
+            raise JaguarKitError(f"{path}: damaged catalogue (its arrays have different lengths)")
+        if not np.isfinite(cat.embeddings).all():
+            raise JaguarKitError(f"{path}: damaged catalogue (non-finite embeddings)")
+        return cat
+
+    def check_model(self, model: Model) -> None:
+        """Refuse to mix embeddings of different models or preprocessing."""
+        mine = {k: self.model.get(k) for k in model.fingerprint}
+        if mine != model.fingerprint:
+            diff = ", ".join(f"{k} {mine[k]!r} != {v!r}" for k, v in model.fingerprint.items() if mine[k] != v)
+            raise JaguarKitError(
+                f"{self.folder or 'catalogue'}: made with model {self.model.get('source')} ({diff}); embeddings of "
+                f"different models cannot be compared: use that model, or index into a new catalogue"
+            )
+
+
+def _box_array(photos: Sequence[Photo]) -> np.ndarray:
+    return np.array([p.box if p.box is not None else (-1, -1, -1, -1) for p in photos], np.int64).reshape(-1, 4)
+
+
+def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: str | Path,
+                    target_false_merge: float = DEFAULT_TARGET_FMR, replace: bool = False, progress: bool = True,
+                    workers: int = 0) -> Catalogue:
+    """Index ``photos`` of known individuals into the catalogue ``folder`` (created or updated).
+
+    An existing catalogue is updated: the photos listed now replace their earlier entries (a
+    relabelled photo takes its new individual), the others stay (``replace`` drops them), and
+    only photos whose content is not in it yet are embedded. The model must be the one the
+    catalogue was made with. The calibration is refitted on the result.
+    """
+    if not isinstance(photos, (list, tuple)):
+        photos = read_photos(photos, need_identity=True)
+    missing = [p for p in photos if p.identity is None]
+    if missing:
+        raise JaguarKitError(f"{missing[0].origin}: no individual given; a catalogue needs every photo's individual")
+    folder = Path(folder)
+    old = Catalogue.load(folder) if (folder / NPZ).is_file() else None
+    if old is not None:
+        old.check_model(model)
+    cache = folder / "cache"
+    keys, files = prepare_photos(photos, cache / "prepared", model.alpha_mode, model.margin, model.prepared_size,
+                                 workers=workers, progress=progress)
+    known = {} if old is None else {k: i for i, k in enumerate(old.keys)}
+    # one entry per (content, individual); the same file under two individuals stays, with a warning
+    entries: dict[tuple[str, str], int] = {}
+    for i, (p, k) in enumerate(zip(photos, keys)):
+        entries.setdefault((k, p.identity), i)
+    listed = [i for i in entries.values()]
+    todo = [i for i in listed if keys[i] not in known]
+    todo_unique = list({keys[i]: i for i in todo}.values())
+    new_emb = {}
+    if todo_unique:
+        k2 = [keys[i] for i in todo_unique]
+        new_emb = dict(zip(k2, embed_prepared(model, k2, [files[i] for i in todo_unique], cache, progress)))
+
+    def vector(i: int) -> np.ndarray:
+        k = keys[i]
+        return new_emb[k] if k in new_emb else old.embeddings[known[k]]
+
+    thumbs_new = {}
+    for i in listed:
+        if keys[i] not in known and keys[i] not in thumbs_new:
+            thumbs_new[keys[i]] = thumbnail_bytes(files[i])
+    rows_keys = [keys[i] for i in listed]
+    rows_ids = [photos[i].identity for i in listed]
+    rows_names = [photos[i].name for i in listed]
+    rows_paths = [str(photos[i].path.resolve()) for i in listed]
+    rows_boxes = [_box_array([photos[i]])[0] for i in listed]
+    rows_emb = [vector(i) for i in listed]
+    rows_thumbs = [thumbs_new.get(keys[i]) or old.thumbs[known[keys[i]]] for i in listed]
+    warnings: list[str] = []
+    if old is not None:
+        relisted = set(rows_keys)
+        relabelled = sorted({(old.names[j], old.identities[j]) for j, k in enumerate(old.keys)
+                             if k in relisted and (k, old.identities[j]) not in entries})
+        for name, ident in relabelled[:5]:
+            log.info("%s: was %s, now listed under another individual", name, ident)
+        if not replace:
+            for j, k in enumerate(old.keys):
+                if k not in relisted:
+                    rows_keys.append(k)
+                    rows_ids.append(old.identities[j])
+                    rows_names.append(old.names[j])
+                    rows_paths.append(old.paths[j])
+                    rows_boxes.append(old.boxes[j])
+                    rows_emb.append(old.embeddings[j])
+                    rows_thumbs.append(old.thumbs[j])
+    for k, ids, names in duplicate_files(photos, keys):
+        warnings.append(f"the same photo is listed under {len(ids)} individuals ({', '.join(ids)}): {', '.join(names[:3])}")
+    emb = np.stack(rows_emb).astype(np.float32)
+    model_info = {"source": model.source, **model.fingerprint}
+    cat = Catalogue(rows_keys, rows_ids, rows_names, rows_paths, np.array(rows_boxes, np.int64).reshape(-1, 4), emb,
+                    rows_thumbs, model_info)
+    try:
+        codes, uniques = cat.codes()
+        hold = hold_out_scores(emb, codes, len(uniques))
+        cat.calibration = calibrate(emb, cat.identities, target_false_merge, hold)
+        if cat.calibration.a <= 0:
+            warnings.append("this model's scores do not separate the right individual from the others on this "
+                            "catalogue: probabilities are flat and decisions unreliable; use a fine-tuned model")
+        for a, b, hits, n in duplicate_identity_pairs(cat.identities, hold, cat.calibration.threshold):
+            warnings.append(f"{a} and {b} may be the same animal: with {a} left out, {hits} of its {n} photos "
+                            f"match {b} above the threshold; compare them and merge the names if so")
+    except JaguarKitError as e:
+        warnings.append(f"not calibrated: {e}")
+    cat.warnings = warnings
+    for w in warnings:
+        log.warning(w)
+    cat.save(folder)
+    cat.embedded_now = len(todo_unique)
+    return cat
+
+
+def load_catalogue(folder: str | Path) -> Catalogue:
+    return Catalogue.load(folder)
+

@@ -1,0 +1,125 @@
+"""Identify photos against a catalogue: top-k individuals, probabilities, known or `new`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import JaguarKitError
+from ..files import atomic_path
+from .calibration import Calibration, individual_scores
+from .catalogue import Catalogue
+from .inputs import Photo, read_photos
+from .model import Model, embed_photos, load_model
+
+
+@dataclass
+class Identification:
+    """Result of :func:`identify`: one row per query photo in ``table`` plus what the report needs."""
+
+    table: pd.DataFrame
+    photos: list[Photo]
+    keys: list[str]
+    prepared: list[Path]
+    top_ids: np.ndarray  # (Q, k) individual names
+    top_scores: np.ndarray  # (Q, k)
+    top_probs: np.ndarray  # (Q, k)
+    top_photo: np.ndarray  # (Q, k) catalogue row of each candidate's best-matching photo
+    decisions: list[str]
+    catalogue: Catalogue
+
+    def save_csv(self, path: str | Path) -> Path:
+        with atomic_path(path) as tmp:
+            self.table.to_csv(tmp, index=False)
+        return Path(path)
+
+
+def what_to_check(decision: str, ids, scores, probs, cal: Calibration | None, same_file: str | None) -> str:
+    """A short instruction for the person reviewing one photo."""
+    if same_file:
+        return f"Same file as catalogue photo {same_file} ({ids[0] if decision != 'new' else 'listed there'})."
+    if cal is None:
+        return f"Uncalibrated catalogue (too few individuals): compare with {ids[0]} by eye."
+    if decision == "new":
+        return (f"Likely a new individual: no candidate reaches p={cal.probability_threshold:.2f}. Compare the coat "
+                f"pattern with {ids[0]} (p={probs[0]:.2f}); if it is not, give it a new name and add it to the catalogue.")
+    if len(ids) > 1 and scores[1] >= cal.threshold:
+        return (f"{ids[1]} also passes the threshold (p={probs[1]:.2f}): compare both on the same flank; "
+                f"if they are one animal, merge their names.")
+    # within a tenth of the way from the threshold to a perfect score: worth a closer look
+    if scores[0] < cal.threshold + 0.1 * (1 - cal.threshold):
+        return f"Close to the threshold: confirm against {ids[0]}'s photos on the same flank."
+    return f"Strong match with {ids[0]}: a glance at the same flank is enough."
+
+
+def identify_embeddings(catalogue: Catalogue, embeddings: np.ndarray, top_k: int = 5):
+    """Top-k individuals, scores, probabilities, best catalogue photos and decisions for embeddings."""
+    codes, uniques = catalogue.codes()
+    if embeddings.shape[1] != catalogue.embeddings.shape[1]:
+        raise JaguarKitError(f"embedding size {embeddings.shape[1]} differs from the catalogue's "
+                             f"{catalogue.embeddings.shape[1]}: another model")
+    sim = embeddings.astype(np.float32) @ catalogue.embeddings.T
+    scores, best = individual_scores(sim, codes, len(uniques))
+    k = min(top_k, len(uniques))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, 1)
+    top_photo = np.take_along_axis(best, order, 1)
+    top_ids = np.array(uniques, dtype=object)[order]
+    cal = catalogue.calibration
+    if cal is None:
+        top_probs = np.full(top_scores.shape, np.nan)
+        decisions = [str(t) for t in top_ids[:, 0]]
+    else:
+        top_probs = cal.probability(top_scores)
+        decisions = [str(top_ids[i, 0]) if top_scores[i, 0] >= cal.threshold else "new" for i in range(len(order))]
+    return top_ids, top_scores, top_probs, top_photo, decisions
+
+
+def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo] | str | Path, model: Model | None = None,
+             top_k: int = 5, cache_dir: str | Path | None = None, progress: bool = True,
+             workers: int = 0) -> Identification:
+    """Identify each photo against the catalogue: top-k individuals, probabilities, a decision.
+
+    ``model`` defaults to the catalogue's own (loaded from its recorded source); another one is
+    refused. Query photos are prepared and embedded under ``cache_dir`` (default: a ``cache``
+    folder in the catalogue).
+    """
+    cat = catalogue if isinstance(catalogue, Catalogue) else Catalogue.load(catalogue)
+    if not isinstance(photos, (list, tuple)):
+        photos = read_photos(photos, folder_labels=False)
+    if model is None:
+        model = load_model(cat.model["source"], prepared_size=cat.model["prepared_size"], tta=cat.model["tta"])
+    cat.check_model(model)
+    cache = Path(cache_dir) if cache_dir else (cat.folder or Path(".")) / "cache"
+    keys, emb, files = embed_photos(model, photos, cache, progress=progress, workers=workers)
+    return _identification(cat, photos, keys, files, emb, top_k)
+
+
+def _identification(cat: Catalogue, photos, keys, files, emb, top_k) -> Identification:
+    top_ids, top_scores, top_probs, top_photo, decisions = identify_embeddings(cat, emb, top_k)
+    cal = cat.calibration
+    by_key = {}
+    for j, k in enumerate(cat.keys):
+        by_key.setdefault(k, j)
+    rows = []
+    for i, p in enumerate(photos):
+        same = cat.names[by_key[keys[i]]] if keys[i] in by_key else None
+        check = what_to_check(decisions[i], list(top_ids[i]), list(top_scores[i]), list(top_probs[i]), cal, same)
+        row = {"photo": p.label, "path": str(p.path), "decision": decisions[i],
+               "probability": round(float(top_probs[i, 0]), 4), "score": round(float(top_scores[i, 0]), 4)}
+        if p.identity is not None:
+            row["true_identity"] = p.identity
+        for r in range(top_ids.shape[1]):
+            row[f"id_{r + 1}"] = top_ids[i, r]
+            row[f"score_{r + 1}"] = round(float(top_scores[i, r]), 4)
+            row[f"prob_{r + 1}"] = round(float(top_probs[i, r]), 4)
+            row[f"match_{r + 1}"] = cat.names[top_photo[i, r]]
+        row["check"] = check
+        rows.append(row)
+    return Identification(pd.DataFrame(rows), list(photos), keys, files, top_ids, top_scores, top_probs, top_photo,
+                          decisions, cat)
+
