@@ -219,8 +219,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                            prepared_size=cat.model.get("prepared_size") if cat else args.prepared_size,
                            tta=cat.model.get("tta", "none") if cat else "none")
     out = Path(args.out)
-    result = cluster(args.photos, model=model, catalogue=cat, threshold=args.threshold, cache_dir=out / "cache",
-                     progress=not args.quiet, workers=args.workers)
+    # with a catalogue, photos are cached in it, where identify finds them embedded already
+    result = cluster(args.photos, model=model, catalogue=cat, threshold=args.threshold,
+                     cache_dir=None if cat is not None else out / "cache", progress=not args.quiet, workers=args.workers)
     csv_path = result.save_csv(out / "clusters.csv")
     page = write_cluster_report(result, out / "report.html")
     if args.folders:
