@@ -25,20 +25,17 @@ from __future__ import annotations
 import logging
 import re
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import Pooling, check_choice
+from ..config import ModelConfig, Pooling, check_choice
 from ..errors import JaguarKitError
 from .backbones import BackboneSpec, get_backbone_spec, with_img_size
-
-if TYPE_CHECKING:
-    from ..config import ModelConfig
-    from .weights import LoadReport
+from .weights import LoadReport, create_backbone, load_backbone_weights
 
 logger = logging.getLogger("jaguar_kit")
 
@@ -216,7 +213,7 @@ def _recomputed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return forward(*args, **kwargs)
 
 
-def build_model(cfg: "ModelConfig") -> ReIDModel:
+def build_model(cfg: ModelConfig) -> ReIDModel:
     """Build the model a ModelConfig describes, with its weights loaded.
 
     ``cfg.weights`` picks the backbone's starting weights (see ``weights.create_backbone``);
@@ -224,8 +221,6 @@ def build_model(cfg: "ModelConfig") -> ReIDModel:
     tensors are not taken: another fold's head has other shapes and classes).
     ``cfg.img_size`` 0 keeps the backbone's native size.
     """
-    from .weights import create_backbone, load_backbone_weights
-
     if cfg.embedding_dim <= 0:
         raise JaguarKitError(f"model.embedding_dim={cfg.embedding_dim}: must be positive")
     if cfg.img_size < 0:
@@ -265,8 +260,6 @@ class FrozenBackbone(nn.Module):
 
 def build_frozen_model(backbone: str, weights: str = "auto") -> FrozenBackbone:
     """The backbone ``backbone`` with its pretrained ``weights`` and native pooling, frozen."""
-    from .weights import create_backbone
-
     spec = get_backbone_spec(backbone)
     model, _ = create_backbone(spec, weights)
     frozen = FrozenBackbone(model, spec).eval()
