@@ -171,7 +171,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .photos.inputs import read_photos
     from .photos.model import load_model
 
-    photos = read_photos(args.photos, need_identity=True)
+    photos = read_photos(args.photos, need_identity=True, exclude=[args.out])
     model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
     cat = build_catalogue(photos, model, args.out, target_false_merge=args.target_false_merge, replace=args.replace,
                           progress=not args.quiet, workers=args.workers)
@@ -188,6 +188,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 def cmd_identify(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
     from .photos.identify import identify
+    from .photos.inputs import mark_kit_folder, read_photos
     from .photos.model import load_model
     from .photos.report import write_identify_report
 
@@ -197,7 +198,9 @@ def cmd_identify(args: argparse.Namespace) -> None:
         model = load_model(args.model, device=args.device, weights=args.weights,
                            prepared_size=cat.model.get("prepared_size"), tta=cat.model.get("tta", "none"))
     out = Path(args.out)
-    result = identify(cat, args.photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
+    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    mark_kit_folder(out)
+    result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
                       workers=args.workers)
     _print_warnings(cat.warnings)
     csv_path = result.save_csv(out / "identify.csv")
@@ -208,7 +211,9 @@ def cmd_identify(args: argparse.Namespace) -> None:
 
 def cmd_cluster(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
-    from .photos.cluster import cluster, write_group_folders
+    from .photos.cluster import cluster
+    from .photos.folders import write_group_folders
+    from .photos.inputs import mark_kit_folder, read_photos
     from .photos.model import load_model
     from .photos.report import write_cluster_report
 
@@ -219,8 +224,10 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                            prepared_size=cat.model.get("prepared_size") if cat else args.prepared_size,
                            tta=cat.model.get("tta", "none") if cat else "none")
     out = Path(args.out)
+    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    mark_kit_folder(out)
     # with a catalogue, photos are cached in it, where identify finds them embedded already
-    result = cluster(args.photos, model=model, catalogue=cat, threshold=args.threshold,
+    result = cluster(photos, model=model, catalogue=cat, threshold=args.threshold,
                      cache_dir=None if cat is not None else out / "cache", progress=not args.quiet, workers=args.workers)
     csv_path = result.save_csv(out / "clusters.csv")
     page = write_cluster_report(result, out / "report.html")

@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import JaguarKitError
 from ..files import atomic_path, atomic_write_text
 from .calibration import DEFAULT_TARGET_FMR, Calibration, calibrate, duplicate_identity_pairs, hold_out_scores
-from .inputs import Photo, duplicate_files, prepare_photos, read_photos, thumbnail_bytes
+from .inputs import Photo, duplicate_files, mark_kit_folder, prepare_photos, read_photos, thumbnail_bytes
 from .model import Model, embed_prepared
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class Catalogue:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``catalogue.npz`` and ``catalogue.json`` into ``folder`` atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = mark_kit_folder(folder)  # a catalogue is never read as photos
         lengths = np.array([len(t) for t in self.thumbs], np.int64)
         blob = np.frombuffer(b"".join(self.thumbs), np.uint8) if self.thumbs else np.zeros(0, np.uint8)
         header = self.header()

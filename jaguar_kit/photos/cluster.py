@@ -24,7 +24,6 @@ out in its ``check`` column.
 from __future__ import annotations
 
 import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -261,27 +260,4 @@ def cluster(photos: Sequence[Photo] | str | Path, model: Model | str | None = No
     return Clustering(table, list(photos), keys, files, groups, names, checks, float(threshold), ident)
 
 
-def write_group_folders(result: Clustering, out_dir: str | Path, mode: str = "link") -> Path:
-    """A folder per group holding its photos, as symbolic links (``link``) or copies (``copy``)."""
-    if mode not in ("link", "copy"):
-        raise JaguarKitError(f"folders: expected link or copy, got {mode!r}")
-    out_dir = Path(out_dir)
-    for i, p in enumerate(result.photos):
-        folder = out_dir / result.group_names[result.groups[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = p.name.replace("/", "__")
-        if p.box is not None:
-            stem = f"{Path(stem).stem}_box{'-'.join(map(str, p.box))}{Path(stem).suffix}"
-        dst = folder / stem
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        if mode == "link":
-            os.symlink(p.path.resolve(), dst)
-        else:
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(p.path, tmp)
-    return out_dir
-
-
-__all__ = ["Clustering", "cluster", "group_photos", "linkage_threshold", "name_groups", "pairwise_agreement",
-           "write_group_folders"]
+__all__ = ["Clustering", "cluster", "group_photos", "linkage_threshold", "name_groups", "pairwise_agreement"]
