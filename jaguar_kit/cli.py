@@ -358,14 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("identify", help="top-k known individuals of each photo, or `new`; identify.csv and report.html")
     p.add_argument("--catalogue", required=True, help="a catalogue folder made by `jaguar-kit index`")
-    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,identity,x,y,w,h]")
+    p.add_argument("--photos", required=True,
+                   help="a folder of photos (sub-folders allowed), a CSV path[,identity,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--top-k", type=int, default=5)
     _add_photo_model(p, None)
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("cluster", help="group unlabelled photos by individual; clusters.csv, report.html, folders")
-    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,x,y,w,h]")
+    p.add_argument("--photos", required=True,
+                   help="a folder of photos (sub-folders allowed), a CSV path[,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--catalogue", help="attach groups to its known individuals; its calibration sets the threshold")
     p.add_argument("--threshold", type=float, help="link photos at this similarity or more (default: the catalogue's)")

@@ -24,7 +24,7 @@ from ..errors import JaguarKitError
 from ..files import atomic_path, atomic_write_text, is_inside
 from .cluster import Clustering
 from .inputs import file_digest, mark_kit_folder
-from .names import MAX_COMPONENT_BYTES, safe_component, short_digest
+from .names import MAX_COMPONENT_BYTES, few, safe_component, short_digest
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def write_group_folders(result: Clustering, out_dir: str | Path, mode: str = "li
         entries.append({"path": f"{folder}/{name}", "photo": str(p.path),
                         **({"link": str(p.path.resolve())} if mode == "link" else {"digest": result.keys[i][:32]})})
     # listed before anything is written: a killed run's files are still known as the kit's
-    atomic_write_text(out_dir / MANIFEST, json.dumps({"mode": mode, "folders": created, "files": entries}, indent=1) + "\n")
+    manifest = {"mode": mode, "folders": created, "files": entries}
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     for (folder, name, i), entry in zip(plan, entries):
         dst = out_dir / folder / name
         dst.parent.mkdir(exist_ok=True)
@@ -149,8 +150,7 @@ def write_group_folders(result: Clustering, out_dir: str | Path, mode: str = "li
                 shutil.copyfile(result.photos[i].path, tmp)
     if left:
         log.warning("%s: %d file(s) already there were not written by jaguar-kit and are left as they are; those "
-                    "photos are not in the group folders: %s", out_dir, len(left), ", ".join(left[:3])
-                    + (", ..." if len(left) > 3 else ""))
+                    "photos are not in the group folders: %s", out_dir, len(left), few(left))
     return out_dir
 
 

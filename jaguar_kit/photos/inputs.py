@@ -53,7 +53,7 @@ from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_lon
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, file_sha256
 from ..kaggle.env import walk_inputs
-from .names import normalise_name
+from .names import few, normalise_name
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,6 @@ def is_kit_folder(folder: str | Path) -> bool:
     return (Path(folder) / KIT_MARKER).is_file()
 
 
-def _few(names: Sequence[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -157,7 +153,8 @@ def read_photos(source: str | Path, folder_labels: bool = True, need_identity: b
     if need_identity:
         bad = [p for p in photos if p.identity is None]
         if bad:
-            where = "an empty identity" if source.is_file() else "no individual (it lies directly in the folder)"
+            where = ("no individual (it lies directly in the folder)" if source.is_dir() else
+                     "an empty identity" if source.suffix.lower() == ".csv" else "no individual (a single photo)")
             raise JaguarKitError(
                 f"{bad[0].origin}: {where}; a catalogue needs every photo's individual: put photos in a "
                 f"sub-folder named after the individual, or fill the identity column"
@@ -192,12 +189,12 @@ def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset
             photos.append(Photo(folder.path / f, identity, None, rel.as_posix(), str(folder.path / f)))
     if kit:
         log.warning("%s: %d folder(s) written by jaguar-kit (catalogues, caches, outputs) are not read as photos: %s",
-                    root, len(kit), _few(kit))
+                    root, len(kit), few(kit))
     if skipped:
         log.warning("%s: %d file(s) skipped, not a photo format read here (%s): %s", root, len(skipped),
-                    _FORMATS_TEXT, _few(skipped))
+                    _FORMATS_TEXT, few(skipped))
     if too_deep:
-        log.warning("%s: folders more than %d levels down are not read: below %s", root, PHOTO_DEPTH, _few(too_deep))
+        log.warning("%s: folders more than %d levels down are not read: below %s", root, PHOTO_DEPTH, few(too_deep))
     if not photos:
         raise JaguarKitError(f"{root}: no photos found in it or its sub-folders ({_FORMATS_TEXT})")
     _warn_merged_names(spellings, root)

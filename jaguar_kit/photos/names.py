@@ -22,6 +22,11 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 MAX_COMPONENT_BYTES = 120  # well under the 255 bytes file systems allow, leaving room for suffixes
 
 
+def few(names: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``names``, for a one-line message (``a, b, c, ...``)."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def normalise_name(raw: str) -> str:
     """The one spelling of a name: Unicode NFC, trimmed, inner whitespace runs as one space."""
     return _SPACES.sub(" ", unicodedata.normalize("NFC", raw)).strip()
@@ -59,4 +64,4 @@ def safe_component(name: str, keep_suffix: bool = False, max_bytes: int = MAX_CO
     return stem + dot + suffix
 
 
-__all__ = ["normalise_name", "safe_component", "short_digest"]
+__all__ = ["few", "normalise_name", "safe_component", "short_digest"]
