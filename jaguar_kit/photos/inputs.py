@@ -184,7 +184,7 @@ def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset
                 continue
             identity = None
             if folder_labels and len(rel.parts) > 1:
-                identity = normalise_name(rel.parts[0])
+                identity = normalise_name(rel.parts[0]) or None
                 spellings.setdefault(identity, set()).add(rel.parts[0])
             photos.append(Photo(folder.path / f, identity, None, rel.as_posix(), str(folder.path / f)))
     if kit:
