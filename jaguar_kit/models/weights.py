@@ -476,7 +476,7 @@ def _not_found_message(spec: BackboneSpec, roots: list[Path]) -> str:
         f"{found}: turn the kernel's Internet on (or set model.weights=hf-hub:{spec.hf_hub} where it is on), "
         f"or attach {copy[:-1]}; {push}), or set model.weights=none",
         f"Attach a copy of the weights (Add Input -> Models or Datasets: {spec.hf_hub}) or turn on Internet "
-        "in the notebook's settings (Session options -> Internet), then run the notebook again.\n"
+        "in the notebook's settings (Session options -> Internet).\n"
         f"{found}. Any one of these works:\n"
         f"- Internet on: the weights download from the hub (model.weights=hf-hub:{spec.hf_hub});\n"
         f"- attach {copy}; from the command line, {push};\n"
