@@ -400,7 +400,8 @@ def pseudo_label_ensemble(
             print("no round: submitting with the attached models (lower PSEUDO_THRESHOLD to take more)")
             todo = []
     if todo:
-        by_digest = {file_sha256(p)[:16]: p for p in find_outputs(roots, BEST) if not (p.parent / PSEUDO_MARKER).is_file()}
+        by_digest = {file_sha256(p)[:16]: p for p in find_outputs(roots, BEST)
+                     if not (p.parent / PSEUDO_MARKER).is_file()}  # a round's checkpoints start no other round
     for i in todo:
         if models[i].digest not in by_digest:
             raise JaguarKitError(f"PSEUDO_LABELS: model {i}: the best.pt its embeddings came from is not "
@@ -428,5 +429,5 @@ def pseudo_label_ensemble(
 
 
 __all__ = ["IdentityModel", "AttachedModel", "fit_temperature", "select_pseudo_labels", "write_pseudo_competition",
-           "pseudo_label_round", "pseudo_label_ensemble", "inference_digest", "read_round_status", "round_finished", "publish_round",
-           "attached_rounds", "PSEUDO_MARKER", "ROUND_STATUS", "ROUND_RUN"]
+           "pseudo_label_round", "pseudo_label_ensemble", "inference_digest", "read_round_status", "round_finished",
+           "publish_round", "attached_rounds", "PSEUDO_MARKER", "ROUND_STATUS", "ROUND_RUN"]

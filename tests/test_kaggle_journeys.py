@@ -306,7 +306,7 @@ def test_i_running_again_reuses_the_round_and_starts_no_second(kaggle, competiti
     np.testing.assert_allclose(after["similarity"], before["similarity"], atol=1e-6)  # the same model submits
 
 
-# --------------------------------------------------------------------------- (j) a pseudo-label round killed, then rerun
+# --------------------------------------------------------------------------- (j) a pseudo round killed, then rerun
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +347,8 @@ def test_j_a_killed_pseudo_label_round_resumes_in_the_next_version_and_only_then
 
 
 def test_k_a_version_with_changed_settings_is_refused_in_notebook_words_before_copying(kaggle, resumed_train):
-    other = kaggle.run("train", {**_train_parameters(epochs=3), "FOLD": 1}, resume=True, attach={"train": resumed_train})
+    other = kaggle.run("train", {**_train_parameters(epochs=3), "FOLD": 1}, resume=True,
+                       attach={"train": resumed_train})
     assert not other.ok and other.error.startswith("JaguarKitError: "), other.tail()
     message = other.error.split(": ", 1)[1]
     assert "another config" in message and "data.fold: 0 -> 1" in message, message

@@ -368,11 +368,12 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
                 "between training and validation. " + advice(
                     "Use another --out (optionally --set model.init_from=THIS/last.pt), or --set "
                     "train.accept_data_change=true to continue on the new table",
-                    f"To train on the new table as a new run, {NEW_RUN} (optionally with \"model.init_from=THIS/last.pt\""
-                    " in OVERRIDES); or add \"train.accept_data_change=true\" to OVERRIDES to continue this run on it"))
+                    f"To train on the new table as a new run, {NEW_RUN} (optionally with "
+                    "\"model.init_from=THIS/last.pt\" in OVERRIDES); or add \"train.accept_data_change=true\" to "
+                    "OVERRIDES to continue this run on it"))
         if set(old_images.values()) != set(table["images"].values()):
-            raise JaguarKitError(f"{plan.checkpoint}: train.csv changed ({what}): the identities differ, so the ArcFace "
-                                 "head cannot continue; " + advice(
+            raise JaguarKitError(f"{plan.checkpoint}: train.csv changed ({what}): the identities differ, so the "
+                                 "ArcFace head cannot continue; " + advice(
                                      "start a new run with --set model.init_from=THIS/last.pt",
                                      f"{NEW_RUN}, with \"model.init_from=THIS/last.pt\" in OVERRIDES"))
         plan.messages.append(f"continuing on a changed train.csv ({what}), as train.accept_data_change asks")
