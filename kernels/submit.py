@@ -32,10 +32,11 @@
 # recipe, its validation images left out). The round trains **here**, on the GPU this notebook is
 # pushed with (GPU T4 x2, like the others; one GPU is used): it needs the attached training output
 # (`best.pt`) and, from the inference notebook, `VALIDATION = True` and `SPLITS = ["test", "train"]`.
-# Its run goes to `pseudo/model<i>/run/` of this output, its test embeddings are made with its own
+# Its run goes to `pseudo/model<i>/pseudo_run/` of this output, its test embeddings are made with its own
 # `best.pt` and the submission uses them; the retrieval settings stay those tuned on the original
 # models' validation embeddings. A hard stop after one round (a second round hurt in the public
 # solutions): run again with this output attached and the round is reported and reused, not repeated.
+# A session that ends mid-round submits nothing; run again with its output attached and the round resumes.
 
 # %% [markdown]
 # ## Install jaguar_kit
@@ -132,15 +133,12 @@ import copy
 import json
 import os
 import re
-import shutil
-
-import numpy as np
 
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir, load_competition
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import default_cache_dir, input_roots, prepared_dir, working_root
-from jaguar_kit.pipeline import Embeddings, embed_split, find_outputs, read_labels, submit
+from jaguar_kit.kaggle.env import input_roots, working_root
+from jaguar_kit.pipeline import Embeddings, find_outputs, read_labels, submit
 
 cfg = apply_overrides(Config(), [f"retrieval.rerank={str(RERANK).lower()}", f"retrieval.k1={K1}", f"retrieval.k2={K2}",
                                  f"retrieval.lambda_value={LAMBDA}", f"retrieval.query_expansion_k={QUERY_EXPANSION_K}",
@@ -208,66 +206,20 @@ elif TUNE:
 # ## One pseudo-label round (optional)
 # Per model: identity centroids from its training-fold embeddings, a softmax temperature fitted on
 # its validation embeddings, then the test images every model places in one identity above the
-# threshold. A round found among the inputs (this notebook's earlier output) is reused, never repeated.
+# threshold. A finished round found among the inputs (this notebook's earlier output) is reused, never
+# repeated; a round that was cut short (the session ended) resumes from its `last.pt` when that output
+# is attached, and the notebook submits only once the round finished (`pseudo/model<i>/round_status.json`).
 
 # %%
-ROUNDS = {}  # model index -> the round's best.pt
 if PSEUDO_LABELS:
-    from jaguar_kit.local import image_digest
-    from jaguar_kit.pseudo import PSEUDO_MARKER, IdentityModel, pseudo_label_round, select_pseudo_labels
+    from jaguar_kit.pseudo import AttachedModel, inference_digest, pseudo_label_ensemble
 
-    PSEUDO_DIR = working_root() / "pseudo"
-    DONE = [m.parent for m in find_outputs(input_roots(), PSEUDO_MARKER) if (m.parent / "best.pt").is_file()]
-    if DONE:
-        print(f"PSEUDO_LABELS: a pseudo-label round already ran ({', '.join(map(str, DONE))}); only one round is "
-              "run (a second round hurt in the public solutions): no training, submitting with its models")
-        for run in DONE:
-            dst = PSEUDO_DIR / run.parent.name  # republished whole, so this output is complete by itself
-            shutil.copytree(run.parent, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("data"))
-            ROUNDS[int(run.parent.name.removeprefix("model"))] = dst / "run" / "best.pt"
-    else:
-        missing = [f"model {i}: no {what}" for i, k in enumerate(KEYS)
-                   for what, files in (("embeddings_val", VAL), ("embeddings_train", TRAIN)) if k not in files]
-        if missing:
-            raise JaguarKitError(f"PSEUDO_LABELS: {missing[0]}: set VALIDATION = True and SPLITS = [\"test\", \"train\"] "
-                                 "in the inference notebook and attach its output")
-        names = SETS[KEYS[0]].names
-        models, tests = [], []
-        for k in KEYS:
-            val, trained = Embeddings.load(VAL[k]), Embeddings.load(TRAIN[k])
-            gallery = [n for n in trained.names if n not in set(val.names)]
-            models.append(IdentityModel.fit(trained.subset(gallery).vectors, [LABELS[n] for n in gallery],
-                                            val.vectors, [LABELS[n] for n in val.names]))
-            tests.append(SETS[k].subset(names).vectors)
-        PSEUDO = select_pseudo_labels(models, tests, names, PSEUDO_THRESHOLD)
-        TOP = np.min([m.probabilities(t).max(1) for m, t in zip(models, tests)], axis=0)  # for choosing a threshold
-        print(f"pseudo-labels: {len(PSEUDO)} of {len(names)} test images reach {PSEUDO_THRESHOLD} "
-              f"with every model agreeing ({PSEUDO['ground_truth'].nunique()} identities); top probability per "
-              f"image: median {np.median(TOP):.3f}, 90th percentile {np.quantile(TOP, 0.9):.3f}, max {TOP.max():.3f}")
-        if len(PSEUDO) == 0:
-            print("no round: submitting with the attached models (lower PSEUDO_THRESHOLD to take more)")
-        else:
-            CHECKPOINTS = {image_digest(p): p for p in find_outputs(input_roots(), "best.pt")
-                           if not (p.parent / PSEUDO_MARKER).is_file()}
-            for i, (folder, j) in enumerate(KEYS):
-                entry = next((m for m in MANIFESTS.get(folder, {}).get("models", []) if m["model"] == j), None)
-                if entry is None or entry["digest"] not in CHECKPOINTS:
-                    raise JaguarKitError(f"PSEUDO_LABELS: model {i}: the best.pt its embeddings came from is not "
-                                         "attached (attach the training output the inference notebook used)")
-                out = PSEUDO_DIR / f"model{i}"
-                result = pseudo_label_round(CHECKPOINTS[entry["digest"]], DATA, PSEUDO, out,
-                                            epochs=PSEUDO_EPOCHS or None, overrides=PSEUDO_OVERRIDES,
-                                            prepared_root=prepared_dir())
-                print(result.summary())
-                shutil.rmtree(out / "data" / "train", ignore_errors=True)  # links to the input images only
-                ROUNDS[i] = result.best_checkpoint
-    embed_cfg = apply_overrides(copy.deepcopy(cfg), [f"embed.tta={TTA}"])
-    for i, checkpoint in sorted(ROUNDS.items()):
-        emb = embed_split(checkpoint, DATA, "test", default_cache_dir(), prepared_dir(), embed_cfg,
-                          seed_roots=input_roots())
-        path = emb.save(checkpoint.parent.parent / "embeddings_pseudo_test.npz")
+    ROUND = pseudo_label_ensemble(
+        [AttachedModel(SETS[k], VAL.get(k), TRAIN.get(k), inference_digest(MANIFESTS, *k)) for k in KEYS],
+        DATA, LABELS, working_root() / "pseudo", apply_overrides(copy.deepcopy(cfg), [f"embed.tta={TTA}"]),
+        threshold=PSEUDO_THRESHOLD, epochs=PSEUDO_EPOCHS or None, overrides=PSEUDO_OVERRIDES)
+    for i, emb in ROUND.items():  # the submission uses the round's models
         SETS[KEYS[i]] = emb
-        print(f"model {i}: the round's model embedded {len(emb.names)} test images -> {path}")
 
 # %% [markdown]
 # ## Similarities, re-ranking, submission.csv

@@ -21,7 +21,7 @@
 # attach a copy: a Kaggle Model or a dataset holding the hub repository's `config.json` and
 # `model.safetensors` (`jaguar-kit kaggle push train --model OWNER/MODEL/FRAMEWORK/VARIATION/VERSION`).
 # The notebook prints where the weights come from before it prepares any image, and stops there
-# in one line if it finds none.
+# if it finds none, its first line saying what to do (attach a copy, or turn Internet on).
 #
 # **A session timed out or failed?** Attach this notebook's own output (*Add Input* > *Your Work*, or
 # `jaguar-kit kaggle push train --resume`) and run it again: it continues from `last.pt` to the

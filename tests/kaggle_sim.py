@@ -151,7 +151,7 @@ class KaggleSim:
         attached kernel (by kind) is mounted; otherwise the latest is. ``fault`` arms
         ``JAGUAR_KIT_FAULT`` (Kaggle killing the session at that point).
         """
-        from jaguar_kit.kaggle.metadata import kernel_slug
+        from jaguar_kit.kaggle.metadata import KINDS, kernel_slug
         from jaguar_kit.kaggle.push import prepare_kernel
 
         number = len(self.versions.get(kernel, [])) + 1
@@ -172,7 +172,7 @@ class KaggleSim:
             if ref != f"{self.user}/jaguar-kit-wheel":
                 raise ValueError(f"the simulator has no dataset {ref!r}")
             inputs[ref] = shutil.copytree(self.wheel_dataset, kaggle_in / "datasets" / ref)
-        by_slug = {kernel_slug(k): k for k in ("train", "infer", "submit")}
+        by_slug = {kernel_slug(k): k for k in KINDS}
         for ref in meta["kernel_sources"]:
             owner, slug = ref.split("/")[:2]
             kind = by_slug.get(slug) if owner == self.user else None

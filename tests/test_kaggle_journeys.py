@@ -197,14 +197,18 @@ def test_f_submission_from_the_attached_inference(kaggle, competition, resumed_i
 # --------------------------------------------------------------------------- (g) shipped defaults, offline
 
 
-def test_g_shipped_defaults_without_weights_or_internet_fail_in_one_line_before_preparing(kaggle):
+def test_g_shipped_defaults_without_weights_or_internet_say_what_to_do_first_before_preparing(kaggle):
     first = kaggle.run("train", {})  # the notebook as pushed: megadescriptor-l-384, weights auto
     assert not first.ok
     assert first.error is not None and first.error.startswith("JaguarKitError: "), first.tail()
     message = first.error.split(": ", 1)[1]
-    assert "\n" not in message
-    for part in ("BVRA/MegaDescriptor-L-384", "Internet", "attach", "--model"):
-        assert part in message, message
+    # the first line is the one thing to do, in Kaggle's words; every alternative is on the lines below
+    head, details = message.split("\n", 1)
+    assert head.startswith("Attach a copy of the weights (Add Input"), message
+    assert "turn on Internet in the notebook's settings" in head and "BVRA/MegaDescriptor-L-384" in head, head
+    assert len(head) < 200, head
+    for part in ("BVRA/MegaDescriptor-L-384", "Internet", "attach", "--model", "settings cell", "WEIGHTS = \"none\""):
+        assert part in details, details
     prepared = [p for p in first.scratch.rglob("*") if p.is_file()] + [
         p for p in first.output.rglob("*") if p.is_file() and "prepared" in p.parts]
     assert prepared == [], prepared[:5]  # failed before any image was prepared
@@ -255,6 +259,10 @@ def test_h_submission_tuned_on_the_attached_validation_embeddings(kaggle, compet
 PSEUDO = {"TUNE": False, "PSEUDO_LABELS": True, "PSEUDO_THRESHOLD": 0.1, "PSEUDO_EPOCHS": 1}
 
 
+def _round_status(version) -> dict:
+    return json.loads((version.output / "pseudo" / "model0" / "round_status.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def pseudo_submit(kaggle, resumed_train, validation_infer):
     return kaggle.run("submit", PSEUDO, attach={"infer": validation_infer, "train": resumed_train})
@@ -266,17 +274,19 @@ def test_i_one_pseudo_label_round_trains_embeds_and_submits(pseudo_submit, compe
     found = re.search(r"pseudo-labels: (\d+) of 12 test images", sub.log)
     assert found and int(found.group(1)) > 0, sub.tail()
     files = sub.files()
-    assert {"pseudo/model0/run/best.pt", "pseudo/model0/run/pseudo_round.json", "pseudo/model0/pseudo_labels.csv",
-            "pseudo/model0/embeddings_pseudo_test.npz"} <= files, sorted(files)
-    assert not any(f.startswith("pseudo/model0/data/train/") for f in files)  # no links to the inputs kept
+    assert {"pseudo/model0/pseudo_run/best.pt", "pseudo/model0/pseudo_run/pseudo_round.json",
+            "pseudo/model0/pseudo_labels.csv", "pseudo/model0/embeddings_pseudo_test.npz"} <= files, sorted(files)
+    assert not any(f.startswith("pseudo/model0/data/") for f in files)  # no links to the inputs kept
+    assert not any(f.endswith(".lock") for f in files), sorted(files)
+    assert _round_status(sub)["status"] == "finished"
     labels = pd.read_csv(sub.output / "pseudo" / "model0" / "pseudo_labels.csv")
     assert len(labels) == int(found.group(1)) and (labels["probability"] >= 0.1).all()
-    round_cfg = _checkpoint(sub.output / "pseudo" / "model0" / "run" / "best.pt")["config"]
+    round_cfg = _checkpoint(sub.output / "pseudo" / "model0" / "pseudo_run" / "best.pt")["config"]
     assert round_cfg["data"]["fold"] == -1 and round_cfg["train"]["epochs"] == 1
     assert round_cfg["model"]["init_from"].endswith("jaguar-re-id-train/run/best.pt")
     # the submission is the round's model's
     with np.load(sub.output / "pseudo" / "model0" / "embeddings_pseudo_test.npz") as z:
-        assert len(z["names"]) == 12 and str(z["model"]).endswith("pseudo/model0/run/best.pt")
+        assert len(z["names"]) == 12 and str(z["model"]).endswith("pseudo/model0/pseudo_run/best.pt")
     _assert_valid_submission(sub, competition)
 
 
@@ -287,9 +297,60 @@ def test_i_running_again_reuses_the_round_and_starts_no_second(kaggle, competiti
     assert again.ok, again.tail()
     assert "a pseudo-label round already ran" in again.log and "only one round" in again.log, again.tail()
     assert not re.search(r"^epoch \d+:", again.log, re.MULTILINE), again.tail()  # nothing trained
-    best = "pseudo/model0/run/best.pt"
+    best = "pseudo/model0/pseudo_run/best.pt"
     assert best in again.files()  # republished: this version's output is complete by itself
+    assert not any(f.endswith(".lock") for f in again.files()), sorted(again.files())
     assert (again.output / best).read_bytes() == (pseudo_submit.output / best).read_bytes()
     before = pd.read_csv(pseudo_submit.output / "submission.csv")
     after = _assert_valid_submission(again, competition)
     np.testing.assert_allclose(after["similarity"], before["similarity"], atol=1e-6)  # the same model submits
+
+
+# --------------------------------------------------------------------------- (j) a pseudo round killed, then rerun
+
+
+@pytest.fixture(scope="module")
+def killed_round(kaggle, resumed_train, validation_infer):
+    settings = {**PSEUDO, "PSEUDO_EPOCHS": 2}
+    inputs = {"infer": validation_infer, "train": resumed_train}
+    # the round's 4 steps an epoch: the 6th is in epoch 2, after epoch 1's checkpoints (best.pt included)
+    killed = kaggle.run("submit", settings, attach=inputs, fault="train-step:6")
+    rerun = kaggle.run("submit", settings, resume=True, attach={**inputs, "submit": killed})
+    return killed, rerun
+
+
+def test_j_a_killed_pseudo_label_round_resumes_in_the_next_version_and_only_then_submits(killed_round, competition):
+    killed, rerun = killed_round
+    run = "pseudo/model0/pseudo_run"
+    assert not killed.ok, killed.tail()
+    assert "submission.csv" not in killed.files(), killed.tail()  # nothing submitted from a 1-epoch model
+    assert {f"{run}/last.pt", f"{run}/best.pt"} <= killed.files(), sorted(killed.files())
+    assert _round_status(killed)["status"] == "started" and _checkpoint(killed.output / run / "last.pt")["epoch"] == 1
+    assert not any(f.startswith("pseudo/model0/data/") for f in killed.files())  # no links to the inputs
+
+    assert rerun.ok, rerun.tail()
+    assert "a pseudo-label round already ran" not in rerun.log, rerun.tail()  # not taken for a finished round
+    assert "resuming the round started in" in rerun.log and "resuming the run attached at" in rerun.log, rerun.tail()
+    assert re.findall(r"^epoch (\d+):", rerun.log, re.MULTILINE) == ["2"], rerun.tail()  # epoch 1 was not retrained
+    status = _round_status(rerun)
+    assert status["status"] == "finished" and status["epochs_done"] == 2 == status["epochs"]
+    assert [int(e) for e in pd.read_csv(rerun.output / run / "metrics.csv")["epoch"]] == [1, 2]
+    best = _checkpoint(rerun.output / run / "best.pt")
+    assert best["status"] == "finished" and best["epoch"] == 2
+    assert not any(f.endswith(".lock") for f in rerun.files()), sorted(rerun.files())  # no lock published
+    with np.load(rerun.output / "pseudo" / "model0" / "embeddings_pseudo_test.npz") as z:
+        assert str(z["model"]).endswith(f"{run}/best.pt")
+    _assert_valid_submission(rerun, competition)
+
+
+# --------------------------------------------------------------------------- (k) another fold on an attached run
+
+
+def test_k_a_version_with_changed_settings_is_refused_in_notebook_words_before_copying(kaggle, resumed_train):
+    other = kaggle.run("train", {**_train_parameters(epochs=3), "FOLD": 1}, resume=True,
+                       attach={"train": resumed_train})
+    assert not other.ok and other.error.startswith("JaguarKitError: "), other.tail()
+    message = other.error.split(": ", 1)[1]
+    assert "another config" in message and "data.fold: 0 -> 1" in message, message
+    assert "settings cell" in message and "--out" not in message and "--set" not in message, message
+    assert not any(f.startswith("run/") for f in other.files()), sorted(other.files())  # nothing copied in

@@ -19,9 +19,10 @@ import pytest
 from conftest import REPO, fake_wheel
 
 from jaguar_kit.kaggle import env
+from jaguar_kit.kaggle.metadata import KINDS
 from jaguar_kit.kaggle.push import build_notebook
 
-KERNELS = ["train", "infer", "submit"]
+KERNELS = list(KINDS)
 
 
 def _notebook(kernel: str):
@@ -60,6 +61,18 @@ def test_kernel_reads_as_a_notebook_with_visible_titles_and_one_parameters_cell(
     assigned = [ln.split("=")[0].strip() for ln in tagged[0].source.splitlines() if ln and not ln.startswith("#")]
     assert names == assigned and "OVERRIDES" in names
     assert [c["cell_type"] for c in built["cells"]].count("markdown") >= 4
+
+
+def test_the_submit_notebooks_pseudo_label_round_is_one_call_into_the_package():
+    cells = _notebook("submit").cells
+    i = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "pseudo-label round" in c.source
+             and c.source.startswith("## "))
+    code = cells[i + 1].source
+    assert "pseudo_label_ensemble(" in code
+    # the orchestration (selection, training, republishing, embedding) lives in jaguar_kit.pseudo, tested there
+    for inside in ("def ", "select_pseudo_labels", "pseudo_label_round", "shutil", "embed_split", "find_outputs",
+                   "raise "):
+        assert inside not in code, inside
 
 
 def test_the_install_cell_is_the_same_in_every_kernel_and_follows_the_walkers_depth():

@@ -8,8 +8,9 @@ import pytest
 
 from jaguar_kit.data.competition import load_competition
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.pseudo import (PSEUDO_MARKER, IdentityModel, fit_temperature, pseudo_label_round,
-                               select_pseudo_labels, write_pseudo_competition)
+from jaguar_kit.pseudo import (PSEUDO_MARKER, ROUND_RUN, IdentityModel, fit_temperature, publish_round,
+                               pseudo_label_round, read_round_status, round_finished, select_pseudo_labels,
+                               write_pseudo_competition)
 
 
 def test_fitted_temperature_recovers_the_true_scale():
@@ -93,7 +94,49 @@ def test_one_round_trains_from_the_checkpoint_and_refuses_a_second(competition, 
 
     val_names = split_images(tiny_config, competition, "val")[0]
     assert set(tests) <= set(derived["filename"]) and not set(val_names) & set(derived["filename"])
-    assert (tmp_path / "round" / "run" / PSEUDO_MARKER).is_file()
+    assert (tmp_path / "round" / ROUND_RUN / PSEUDO_MARKER).is_file()
+    assert read_round_status(tmp_path / "round")["status"] == "finished" and round_finished(tmp_path / "round")
     with pytest.raises(JaguarKitError, match="only one round"):
         pseudo_label_round(result.best_checkpoint, competition, pseudo, tmp_path / "round2", epochs=1,
                            progress=False)
+
+
+@pytest.mark.slow
+def test_a_killed_round_is_not_finished_and_resumes_from_its_attached_folder(competition, tiny_config, tmp_path,
+                                                                             capsys):
+    import shutil
+
+    from jaguar_kit.train.checkpoint import load_checkpoint
+    from jaguar_kit.train.engine import train
+
+    first = train(tiny_config, competition, tmp_path / "run", progress=False, resume_roots=[])
+    comp = load_competition(competition)
+    pseudo = pd.DataFrame({"filename": list(comp.test_images["filename"])[:4],
+                           "ground_truth": list(comp.train["identity"].iloc[:4]), "probability": [0.97] * 4})
+    # the session ends after the first optimiser step (a clean stop stands for Kaggle's kill here)
+    cut = pseudo_label_round(first.best_checkpoint, competition, pseudo, tmp_path / "s1" / "model0", epochs=2,
+                             overrides=["train.time_budget_h=1e-9"], progress=False)
+    assert cut.status == "interrupted"
+    status = read_round_status(tmp_path / "s1" / "model0")
+    assert status["status"] == "started" and status["epochs"] == 2 and status["epochs_done"] == 0
+    assert not round_finished(tmp_path / "s1" / "model0")  # its best.pt, if any, is not the round's model
+    # the next session sees it read-only among its inputs, and the training checkpoint at another path
+    attached = tmp_path / "input" / "submit" / "pseudo" / "model0"
+    shutil.copytree(tmp_path / "s1" / "model0", attached)
+    moved = tmp_path / "input" / "train" / "run" / "best.pt"
+    moved.parent.mkdir(parents=True)
+    shutil.copyfile(first.best_checkpoint, moved)
+    done = pseudo_label_round(moved, competition, pseudo, tmp_path / "s2" / "model0", epochs=2, progress=False,
+                              resume_from=attached)
+    assert done.status == "finished" and done.epochs_done == 2
+    assert f"resuming the run attached at {attached / ROUND_RUN}" in capsys.readouterr().out  # not restarted
+    assert load_checkpoint(tmp_path / "s2" / "model0" / ROUND_RUN / "last.pt")["global_step"] == 8
+    assert read_round_status(tmp_path / "s2" / "model0")["status"] == "finished"
+    # republished file by file: never the run's lock, temporaries or the derived image links
+    (tmp_path / "s2" / "model0" / ROUND_RUN / ".lock").write_text("1")
+    publish_round(tmp_path / "s2" / "model0", tmp_path / "s3" / "model0")
+    files = {p.relative_to(tmp_path / "s3").as_posix() for p in (tmp_path / "s3").rglob("*") if p.is_file()}
+    assert {f"model0/{ROUND_RUN}/best.pt", f"model0/{ROUND_RUN}/{PSEUDO_MARKER}", "model0/round_status.json",
+            "model0/pseudo_labels.csv"} <= files
+    assert not any(f.endswith(".lock") or "/data/" in f for f in files), sorted(files)
+    assert round_finished(tmp_path / "s3" / "model0")

@@ -130,6 +130,18 @@ def test_dry_run_builds_a_valid_folder_and_returns_the_command(kernels, tmp_path
     assert all(s.startswith("alice/") for s in meta["dataset_sources"] + meta["kernel_sources"])
 
 
+def test_a_new_kernel_kind_is_one_row_of_the_kernel_table(kernels, tmp_path, monkeypatch):
+    # adding a kernel journey: one row (title, upstream kinds, GPU) that metadata and push both read
+    monkeypatch.setitem(md.KERNELS, "score", md.KernelKind("Jaguar Re-ID Score", ("infer",), gpu=False))
+    stand_in(kernels, "score")
+    folder = push.prepare_kernel("score", "alice", tmp_path / "build", kernels_dir=kernels)
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["id"] == "alice/jaguar-re-id-score" and meta["title"] == "Jaguar Re-ID Score"
+    assert meta["kernel_sources"] == ["alice/jaguar-re-id-infer"]
+    assert meta["enable_gpu"] is False and "machine_shape" not in meta
+    assert md.kernel_metadata("submit", "alice")["enable_gpu"] is True  # the others keep their row
+
+
 @pytest.fixture
 def no_kaggle_identity(tmp_path, monkeypatch):
     """No --user, no KAGGLE_USERNAME, no kaggle.json: a fresh machine."""

@@ -116,6 +116,26 @@ def test_resume_discovers_previous_session_output(competition, tiny_config, tmp_
     assert load_checkpoint(tmp_path / "session2" / "run" / "last.pt")["global_step"] == 8
 
 
+def test_an_attached_run_of_another_config_is_refused_before_anything_is_copied(competition, tiny_config, tmp_path,
+                                                                                 monkeypatch):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.time_budget_h = 1e-9  # one optimiser step, then a clean stop: last.pt of a running run
+    train(cfg, competition, tmp_path / "session1" / "run", progress=False, resume_roots=[])
+    shutil.copytree(tmp_path / "session1", tmp_path / "input" / "my-train-kernel")
+    other = apply_overrides(copy.deepcopy(tiny_config), ["data.fold=1"])  # a version whose settings changed
+    out = tmp_path / "session2" / "run"
+    with pytest.raises(JaguarKitError, match="another config.*data.fold: 0 -> 1") as e:
+        train(other, competition, out, progress=False, resume_roots=[tmp_path / "input"])
+    assert "--out" in str(e.value) and "train.resume=never" in str(e.value)  # command-line advice off Kaggle
+    assert not any(p.is_file() and p.name != ".lock" for p in out.parent.rglob("*")), sorted(out.parent.rglob("*"))
+    # inside a Kaggle notebook the same refusal speaks of the notebook: its settings cell and its inputs
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    with pytest.raises(JaguarKitError, match="another config") as e:
+        train(other, competition, out, progress=False, resume_roots=[tmp_path / "input"])
+    assert "settings cell" in str(e.value) and "Input panel" in str(e.value) and "--out" not in str(e.value)
+    assert not (out / "last.pt").exists()
+
+
 def test_early_stopping_state():
     es = EarlyStopping(patience=2, min_delta=0.01)
     assert es.update(0.5, 1) and not es.should_stop

@@ -43,6 +43,15 @@ def is_kaggle() -> bool:
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_WORKING.is_dir()
 
 
+def advice(command_line: str, notebook: str) -> str:
+    """The next step in the user's own words: ``notebook`` inside a Kaggle session (the settings
+    cell, *Add Input*, the notebook's settings), ``command_line`` elsewhere (``--out``, ``--set``).
+
+    The one place a message chooses its wording by where it runs.
+    """
+    return notebook if is_kaggle() else command_line
+
+
 def _env_path(name: str) -> Path | None:
     value = os.environ.get(name, "").strip()
     return Path(value).expanduser() if value else None
@@ -201,6 +210,7 @@ __all__ = [
     "INPUT_DEPTH",
     "InputFolder",
     "is_kaggle",
+    "advice",
     "input_roots",
     "working_root",
     "default_cache_dir",

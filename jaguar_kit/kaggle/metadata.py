@@ -19,11 +19,29 @@ import json
 import re
 import unicodedata
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import JaguarKitError
 
-KINDS = ("train", "infer", "submit")
+
+@dataclass(frozen=True)
+class KernelKind:
+    """One of our kernels: its Kaggle title (its slug derives from it), the kernels whose output
+    it attaches, and whether it must get a GPU."""
+
+    title: str
+    upstream: tuple[str, ...]
+    gpu: bool
+
+
+# The one table of our kernels, read by the metadata, push and the Kaggle session simulator.
+KERNELS = {
+    "train": KernelKind("Jaguar Re-ID Train", (), gpu=True),
+    "infer": KernelKind("Jaguar Re-ID Infer", ("train",), gpu=True),  # checkpoints
+    "submit": KernelKind("Jaguar Re-ID Submit", ("infer", "train"), gpu=True),  # embeddings; may train a pseudo round
+}
+KINDS = tuple(KERNELS)
 COMPETITION = "jaguar-re-id"
 WHEEL_DATASET_SLUG = "jaguar-kit-wheel"
 WHEEL_DATASET_TITLE = "Jaguar Kit Wheel"
@@ -35,7 +53,6 @@ RETIRED_SHAPES = ("NvidiaTeslaP100",)
 # What `jaguar-kit kaggle push --dataset/--model/--kernel/--competition` adds, by metadata field.
 SOURCE_KINDS = {"datasets": "dataset_sources", "models": "model_sources", "kernels": "kernel_sources",
                 "competitions": "competition_sources"}
-KERNEL_TITLES = {"train": "Jaguar Re-ID Train", "infer": "Jaguar Re-ID Infer", "submit": "Jaguar Re-ID Submit"}
 
 KERNEL_FIELDS = {
     "id", "id_no", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu",
@@ -63,12 +80,12 @@ def slugify(text: str) -> str:
 
 def kernel_slug(kind: str) -> str:
     """The id slug of one of our kernels, e.g. ``jaguar-re-id-train``."""
-    return slugify(KERNEL_TITLES[_check_kind(kind)])
+    return slugify(KERNELS[_check_kind(kind)].title)
 
 
 def _check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise JaguarKitError(f"kernel {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind not in KERNELS:
+        raise JaguarKitError(f"kernel {kind!r}: expected one of {', '.join(KERNELS)}")
     return kind
 
 
@@ -79,7 +96,7 @@ def kernel_metadata(
     kernel_type: str = "notebook",
     code_file: str | None = None,
     internet: bool = True,
-    gpu: bool = True,
+    gpu: bool | None = None,
     private: bool = True,
     resume: bool = False,
     extra_kernel_sources: tuple[str, ...] = (),
@@ -88,8 +105,8 @@ def kernel_metadata(
     """The ``kernel-metadata.json`` of our train, infer or submit kernel for ``user``.
 
     Every boolean is explicit (the CLI silently defaults ``enable_internet`` to true). The
-    infer kernel attaches the train kernel's output (checkpoints); submit attaches infer's
-    (embeddings) and train's. ``code_file`` defaults to ``<kind>.ipynb`` for a notebook
+    title, the attached upstream kernels and ``gpu`` (when not given) come from :data:`KERNELS`.
+    ``code_file`` defaults to ``<kind>.ipynb`` for a notebook
     (built next to this file by :func:`jaguar_kit.kaggle.push.push_kernel`) and
     ``<kind>.py`` for a script. ``resume`` attaches this kernel's own previous output (a
     timed-out training continues from its ``last.pt``, inference from its cached chunks);
@@ -98,16 +115,16 @@ def kernel_metadata(
     ``competitions``), e.g. ``{"models": ["bvra/megadescriptor-l-384/pytorch/default/1"]}``
     for weights that must load with Internet off.
     """
-    _check_kind(kind)
-    upstream = {"train": [], "infer": ["train"], "submit": ["infer", "train"]}[kind]
+    entry = KERNELS[_check_kind(kind)]
+    gpu = entry.gpu if gpu is None else gpu
     if code_file is None:
         code_file = f"{kind}.ipynb" if kernel_type == "notebook" else f"{kind}.py"
     own = f"{user}/{kernel_slug(kind)}"
-    kernels = [f"{user}/{kernel_slug(k)}" for k in upstream] + ([own] if resume else [])
+    kernels = [f"{user}/{kernel_slug(k)}" for k in entry.upstream] + ([own] if resume else [])
     kernels += [s for s in extra_kernel_sources if s not in kernels]
     meta: dict[str, Any] = {
         "id": own,
-        "title": KERNEL_TITLES[kind],
+        "title": entry.title,
         "code_file": code_file,
         "language": "python",
         "kernel_type": kernel_type,
@@ -391,6 +408,8 @@ def dataset_metadata(owner: str, license_name: str = "CC0-1.0") -> dict[str, Any
 
 
 __all__ = [
+    "KernelKind",
+    "KERNELS",
     "KINDS",
     "COMPETITION",
     "WHEEL_DATASET_SLUG",

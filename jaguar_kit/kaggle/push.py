@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import JaguarKitError
 from ..files import atomic_write_text
 from .metadata import (
-    KINDS,
+    KERNELS,
     PLACEHOLDER_USER,
     SOURCE_KINDS,
     add_sources,
@@ -45,7 +45,6 @@ from .metadata import (
 )
 
 METADATA_FILE = "kernel-metadata.json"
-GPU_KINDS = ("train", "infer", "submit")  # must get a GPU: submit may train a pseudo-label round
 _INVALID_SOURCES = re.compile(r"The following are not valid .*sources.*", re.IGNORECASE)
 _PUSH_ERROR = re.compile(r"Kernel push error.*", re.IGNORECASE)
 
@@ -158,7 +157,7 @@ def prepare_kernel(
     ``competitions``). Returns ``build_dir/<kind or slug>``.
     """
     build_dir = Path(build_dir)
-    if str(kernel) in KINDS:
+    if str(kernel) in KERNELS:
         kind = str(kernel)
         src_dir = Path(kernels_dir) if kernels_dir is not None else Path.cwd() / "kernels"
         py = src_dir / f"{kind}.py"
@@ -167,7 +166,7 @@ def prepare_kernel(
         meta = kernel_metadata(kind, kaggle_user(user), resume=resume, sources=sources)
         out = build_dir / kind
         meta["code_file"] = build_notebook(py, out).name
-        expect_gpu = kind in GPU_KINDS
+        expect_gpu = KERNELS[kind].gpu
     else:
         folder = Path(kernel)
         if resume:
@@ -175,7 +174,7 @@ def prepare_kernel(
                                  "add the kernel's own id to kernel_sources in its metadata")
         if not (folder / METADATA_FILE).is_file():
             raise JaguarKitError(
-                f"{kernel}: neither one of {', '.join(KINDS)} nor a folder with {METADATA_FILE}"
+                f"{kernel}: neither one of {', '.join(KERNELS)} nor a folder with {METADATA_FILE}"
             )
         meta = _read_metadata(folder)
         owner = str(meta.get("id", "")).split("/", 1)[0]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import JaguarKitError
-from ..kaggle.env import input_roots, internet_on, walk_inputs
+from ..kaggle.env import advice, input_roots, internet_on, walk_inputs
 from .backbones import BackboneSpec, get_backbone_spec, timm_create_kwargs
 
 
@@ -448,6 +448,8 @@ def find_hub_copy(spec: BackboneSpec, roots: list[Path] | None = None) -> Path |
 
 
 def _not_found_message(spec: BackboneSpec, roots: list[Path]) -> str:
+    """Why ``auto`` found no weights. On the command line one line; in a Kaggle notebook the one
+    thing to do on the first line (attach a copy, or turn Internet on) and every alternative below."""
     where = ", ".join(map(str, roots))
     near = [str(f) for f, cfg in _hub_folders(roots) if _config_arch(cfg).split(".", 1)[0] == spec.arch]
     hint = (
@@ -456,20 +458,28 @@ def _not_found_message(spec: BackboneSpec, roots: list[Path]) -> str:
         if near
         else ""
     )
-    attach = (f"a copy of {spec.hf_hub} (a Kaggle Model or dataset with config.json naming {spec.arch} and "
-              "model.safetensors or pytorch_model.bin; jaguar-kit kaggle push train --model "
-              "OWNER/MODEL/FRAMEWORK/VARIATION/VERSION or --dataset OWNER/SLUG attaches one)")
-    if spec.hf_hub:
+    push = ("jaguar-kit kaggle push train --model OWNER/MODEL/FRAMEWORK/VARIATION/VERSION or --dataset OWNER/SLUG "
+            "attaches one")
+    copy = (f"a copy of {spec.hf_hub} (a Kaggle Model or dataset with config.json naming {spec.arch} and "
+            "model.safetensors or pytorch_model.bin)")
+    if not spec.hf_hub:
         return (
-            f"model.weights=auto: no copy of {spec.hf_hub} for backbone {spec.name} under {where}{hint}, and the "
-            f"Hugging Face hub is unreachable (Internet off): turn the kernel's Internet on "
-            f"(or set model.weights=hf-hub:{spec.hf_hub} where it is on), or attach {attach}, "
-            "or set model.weights=none"
+            f"model.weights=auto: no weights for backbone {spec.name} under {where}{hint}: attach a folder "
+            f"with config.json naming {spec.arch} and its weights file and set model.weights=PATH, "
+            "or model.weights=none"
         )
-    return (
-        f"model.weights=auto: no weights for backbone {spec.name} under {where}{hint}: attach a folder "
-        f"with config.json naming {spec.arch} and its weights file and set model.weights=PATH, "
-        "or model.weights=none"
+    found = (f"model.weights=auto: no copy of {spec.hf_hub} for backbone {spec.name} under {where}{hint}, and the "
+             "Hugging Face hub is unreachable (Internet off)")
+    return advice(
+        f"{found}: turn the kernel's Internet on (or set model.weights=hf-hub:{spec.hf_hub} where it is on), "
+        f"or attach {copy[:-1]}; {push}), or set model.weights=none",
+        f"Attach a copy of the weights (Add Input -> Models or Datasets: {spec.hf_hub}) or turn on Internet "
+        "in the notebook's settings (Session options -> Internet).\n"
+        f"{found}. Any one of these works:\n"
+        f"- Internet on: the weights download from the hub (model.weights=hf-hub:{spec.hf_hub});\n"
+        f"- attach {copy}; from the command line, {push};\n"
+        f"- a copy elsewhere among the inputs: OVERRIDES = [\"model.weights=PATH\"] in the settings cell;\n"
+        "- WEIGHTS = \"none\" in the settings cell: random initial weights (a poor model, for trying the notebook).",
     )
 
 
@@ -508,10 +518,10 @@ def resolve_weights(
         return "none", f"none: {spec.name} starts from random init (model.weights=none)"
     if w.startswith("hf-hub:"):
         if not (internet_on() if online is None else online):
-            raise JaguarKitError(
-                f"model.weights={w}: the Hugging Face hub is unreachable (Internet off): turn the kernel's "
-                "Internet on, or attach a copy of the repository and set model.weights=auto"
-            )
+            raise JaguarKitError(f"model.weights={w}: the Hugging Face hub is unreachable (Internet off): " + advice(
+                "turn the kernel's Internet on, or attach a copy of the repository and set model.weights=auto",
+                "turn on Internet in the notebook's settings (Session options -> Internet), or attach a copy "
+                "(Add Input) and set WEIGHTS = \"auto\" in the settings cell"))
         return w, f"{w}, downloaded from the Hugging Face hub"
     if w == LITE0_SOURCE or (w == "auto" and spec.arch == "tf_efficientnet_lite0"):
         import importlib.util

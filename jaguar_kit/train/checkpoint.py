@@ -27,6 +27,7 @@ import torch
 
 from ..errors import JaguarKitError
 from ..files import atomic_path, fault_point
+from ..kaggle.env import advice
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -166,7 +167,7 @@ class RunLock:
                 os.close(fd)
                 raise JaguarKitError(
                     f"{self.path.parent}: in use by process {holder} (another training run writes this folder); "
-                    "wait for it to finish or use another --out"
+                    + advice("wait for it to finish or use another --out", "wait for it to finish")
                 ) from None
             try:  # the holder we waited for may have removed the file: lock the one on disk
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:

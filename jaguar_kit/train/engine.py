@@ -50,7 +50,7 @@ from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError, plain_message
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
-from ..kaggle.env import input_roots, prepared_dir
+from ..kaggle.env import advice, input_roots, prepared_dir
 from ..losses import ReIDCriterion
 from ..metrics import identity_balanced_map
 from ..models import build_model
@@ -297,6 +297,11 @@ def _table_changes(old: dict[str, str], new: dict[str, str]) -> str:
 # --------------------------------------------------------------------------- resume
 
 
+# How a notebook starts a new run: its own earlier output, attached, is what it would resume.
+NEW_RUN = ("remove this notebook's own output from its inputs (the Input panel; `jaguar-kit kaggle push` without "
+           "--resume) so this version's output starts a new run, or add \"train.resume=never\" to OVERRIDES")
+
+
 @dataclass
 class ResumePlan:
     checkpoint: Path | None  # None: a fresh start
@@ -326,6 +331,7 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
     plan = ResumePlan(None)
     if tc.resume == "never":
         return plan
+    attached = None
     if tc.resume not in ("auto", ""):
         plan.checkpoint = Path(tc.resume)
     elif (run_dir / LAST).is_file():
@@ -334,10 +340,8 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
         candidates = find_attached_runs(run_dir.name, search_roots)
         if not candidates:
             return plan
-        src = candidates[0]
-        copied = copy_run(src, run_dir)
-        plan.messages.append(f"resuming the run attached at {src} (copied {', '.join(copied)} to {run_dir})")
-        plan.checkpoint = run_dir / LAST
+        attached = candidates[0]
+        plan.checkpoint = attached / LAST  # checked where it lies: nothing is copied into the output before
 
     meta = load_checkpoint(plan.checkpoint, verify=False)
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -348,10 +352,10 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
     refused = [c for c in changes if c[0] not in EXTENDABLE]
     if refused:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
-        raise JaguarKitError(
-            f"{plan.checkpoint}: made with another config ({listed}); only train.epochs and train.patience may "
-            "change when resuming: restore the settings, use another --out, or --set train.resume=never to start over"
-        )
+        raise JaguarKitError(f"{plan.checkpoint}: made with another config ({listed}); only train.epochs and "
+                             "train.patience may change when resuming: " + advice(
+                                 "restore the settings, use another --out, or --set train.resume=never to start over",
+                                 f"restore them in the settings cell, or train them as a new run: {NEW_RUN}"))
     if changes:
         plan.extended = True
         plan.messages.append("changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in changes))
@@ -361,13 +365,22 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
         if not tc.accept_data_change:
             raise JaguarKitError(
                 f"{plan.checkpoint}: train.csv changed since this run started ({what}): resuming would move images "
-                "between training and validation. Use another --out (optionally --set model.init_from=THIS/last.pt), "
-                "or --set train.accept_data_change=true to continue on the new table"
-            )
+                "between training and validation. " + advice(
+                    "Use another --out (optionally --set model.init_from=THIS/last.pt), or --set "
+                    "train.accept_data_change=true to continue on the new table",
+                    f"To train on the new table as a new run, {NEW_RUN} (optionally with "
+                    "\"model.init_from=THIS/last.pt\" in OVERRIDES); or add \"train.accept_data_change=true\" to "
+                    "OVERRIDES to continue this run on it"))
         if set(old_images.values()) != set(table["images"].values()):
-            raise JaguarKitError(f"{plan.checkpoint}: train.csv changed ({what}): the identities differ, so the ArcFace "
-                                 "head cannot continue; start a new run with --set model.init_from=THIS/last.pt")
+            raise JaguarKitError(f"{plan.checkpoint}: train.csv changed ({what}): the identities differ, so the "
+                                 "ArcFace head cannot continue; " + advice(
+                                     "start a new run with --set model.init_from=THIS/last.pt",
+                                     f"{NEW_RUN}, with \"model.init_from=THIS/last.pt\" in OVERRIDES"))
         plan.messages.append(f"continuing on a changed train.csv ({what}), as train.accept_data_change asks")
+    if attached is not None:
+        copied = copy_run(attached, run_dir)
+        plan.messages.insert(0, f"resuming the run attached at {attached} (copied {', '.join(copied)} to {run_dir})")
+        plan.checkpoint = run_dir / LAST
     return plan
 
 
