@@ -159,6 +159,7 @@ def test_review_round_trip_in_the_browser(competition, tmp_path, browser):
 HOSTILE = ["<img src=x onerror=alert(1)>", "\"><script>window.pwned=1</script>"]
 
 
+@pytest.mark.slow
 def test_hostile_names_stay_text_in_the_browser(competition, tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
