@@ -138,6 +138,11 @@ def test_a_large_page_keeps_its_thumbnails_beside_it_lazily(setup, tmp_path, mon
     assert all(a["src"].startswith("data:image/") for a in parse(small).all("img"))
     assert big.stat().st_size < small.stat().st_size / 3
 
+    (big.parent / "thumbs" / "notes.txt").write_text("mine")  # a file the kit did not write
+    monkeypatch.setattr(report, "INLINE_PHOTOS", 200)
+    report.write_identify_report(ident, big)  # rewritten as one file: its old thumbnails go, nothing else
+    assert sorted(p.name for p in (big.parent / "thumbs").iterdir()) == ["notes.txt"]
+
 
 # --- decisions.csv --------------------------------------------------------------------------
 

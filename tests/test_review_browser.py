@@ -126,6 +126,9 @@ def test_review_round_trip_in_the_browser(competition, tmp_path, browser):
     shown = [e for e in browser.find_elements(By.CSS_SELECTOR, "[data-review]") if e.is_displayed()]
     assert shown and all(e.get_attribute("data-decision") == "new" for e in shown)
     Select(browser.find_element(By.ID, "filter-decision")).select_by_value("")
+    Select(browser.find_element(By.ID, "sort")).select_by_value("uncertain")  # closest to the threshold first
+    order = [float(e.get_attribute("data-uncertainty")) for e in browser.find_elements(By.CSS_SELECTOR, "[data-review]")]
+    assert order == sorted(order, reverse=True) and len(order) == len(table)
 
     browser.find_element(By.ID, "export").click()
     decisions = wait_for_file(browser.downloads / "decisions.csv")
@@ -189,3 +192,12 @@ def test_hostile_names_stay_text_in_the_browser(competition, tmp_path, browser):
         assert no_alert(browser)
         assert browser.execute_script("return window.pwned === undefined && "
                                       "document.querySelectorAll('img[src=\"x\"], script:not([src])').length === 1")
+    # a group's decision is exported for each of its members, the typed name intact
+    browser.find_element(By.ID, "reviewer").send_keys(HOSTILE[1])
+    browser.find_element(By.ID, "export").click()
+    rows = list(csv.DictReader(wait_for_file(browser.downloads / "decisions.csv").open(encoding="utf-8")))
+    group = first.get_attribute("data-group")
+    assert [r["photo"] for r in rows] == [p.name for p, g in zip(clusters.photos, clusters.groups)
+                                          if clusters.group_names[g] == group]
+    assert {(r["kind"], r["action"], r["name"], r["reviewer"]) for r in rows} == {("group", "rename", *HOSTILE)}
+    assert no_alert(browser)

@@ -35,6 +35,7 @@ from .inputs import Photo, thumbnail_bytes
 # thumbnails go to files beside the page (THUMBS) with lazy loading.
 INLINE_PHOTOS = 200
 THUMBS = "thumbs"
+_CONTENT_KEY = re.compile(r"[0-9a-f]+(-\d+)*")  # a digest, plus a box's numbers: safe as a file name
 
 _ENV = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -55,18 +56,33 @@ def _thumb(path) -> bytes | None:
 
 
 class _Thumbs:
-    """Where the page's pictures come from: ``data:`` URIs, or files in ``thumbs/`` beside the page."""
+    """Where the page's pictures come from: ``data:`` URIs, or files in ``thumbs/`` beside the page.
+
+    The files a page uses are listed in ``thumbs/.PAGE.manifest``; rewriting the page removes
+    those it no longer uses (and only those: nothing else in the folder is touched).
+    """
 
     def __init__(self, page: Path, n_photos: int):
         self.inline = n_photos <= INLINE_PHOTOS
         self.folder = page.parent / THUMBS
+        self.manifest = self.folder / f".{page.name}.manifest"
         self.written: set[str] = set()
+
+    def finish(self) -> None:
+        """Record the files written; remove the previous render's files that are not used now."""
+        before = set(self.manifest.read_text().split()) if self.manifest.is_file() else set()
+        for name in before - self.written:
+            if name.endswith(".jpg") and _CONTENT_KEY.fullmatch(name[:-4]):  # never a file the kit did not name
+                (self.folder / name).unlink(missing_ok=True)
+        if self.written:
+            atomic_write_text(self.manifest, "\n".join(sorted(self.written)) + "\n")
+        elif before:
+            self.manifest.unlink(missing_ok=True)
 
     def src(self, key: str, jpeg: Callable[[], bytes | None]) -> str:
         if self.inline:
             return data_uri(jpeg())
-        # content keys are hex digests (plus a box's digits); anything else is hashed into a file name
-        name = (key if re.fullmatch(r"[0-9a-f]+(-\d+)*", key) else hashlib.sha256(key.encode()).hexdigest()) + ".jpg"
+        name = (key if _CONTENT_KEY.fullmatch(key) else hashlib.sha256(key.encode()).hexdigest()) + ".jpg"
         if name not in self.written:
             data = jpeg()
             if not data:
@@ -139,12 +155,13 @@ def _page_id(kind: str, items) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _render(template: str, path: str | Path, **context) -> Path:
-    atomic_write_text(path, _ENV.get_template(template).render(**context))
-    return Path(path)
+def _render(template: str, path: Path, thumbs: _Thumbs, **context) -> Path:
+    atomic_write_text(path, _ENV.get_template(template).render(lazy=not thumbs.inline, **context))
+    thumbs.finish()
+    return path
 
 
-def identify_entries(ident: Identification, thumbs: _Thumbs) -> list[dict]:
+def _identify_entries(ident: Identification, thumbs: _Thumbs) -> list[dict]:
     """One entry per query photo: the photo, its candidates, the decision, what to check and review data."""
     cat = ident.catalogue
     cal = cat.calibration
@@ -186,11 +203,11 @@ def write_identify_report(ident: Identification, path: str | Path, title: str = 
     """``report.html`` for :func:`jaguar_kit.photos.identify.identify`."""
     path = Path(path)
     thumbs = _Thumbs(path, len(ident.photos))
-    entries = identify_entries(ident, thumbs)
+    entries = _identify_entries(ident, thumbs)
     n_new = sum(d == "new" for d in ident.decisions)
     rows = [_row("Photos", f"{len(ident.photos)}: {len(ident.photos) - n_new} matched to a known individual, "
                            f"{n_new} ", _part("new", badge="new")), *_calibration_rows(ident.catalogue)]
-    return _render("identify.html", path, title=title, summary=rows, entries=entries, lazy=not thumbs.inline,
+    return _render("identify.html", path, thumbs, title=title, summary=rows, entries=entries,
                    banner=_banner(ident.catalogue), individuals=ident.catalogue.individuals,
                    page_id=_page_id("identify", [(e["key"], e["proposed"]) for e in entries]))
 
@@ -255,8 +272,8 @@ def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clu
                  "reference": reference(members, base) if base else None}
         entry["search"] = " ".join([name, *(m["label"] for m in entry["members"])])
         (singles if len(members) == 1 and badge != "known" else groups).append(entry)
-    return _render("cluster.html", path, title=title, summary=rows, groups=groups, singles=singles,
-                   lazy=not thumbs.inline, banner=_banner(ident.catalogue) if ident is not None else None,
+    return _render("cluster.html", path, thumbs, title=title, summary=rows, groups=groups, singles=singles,
+                   banner=_banner(ident.catalogue) if ident is not None else None,
                    individuals=sorted(known),
                    page_id=_page_id("cluster", [(m["key"], e["proposed"]) for e in groups + singles
                                                 for m in e["members"]]))
