@@ -151,6 +151,7 @@ def test_a_large_page_keeps_its_thumbnails_beside_it_lazily(setup, tmp_path, mon
     ({"action": "maybe"}, "action 'maybe'; expected one of confirm, reject, rename, skip"),
     ({"action": "rename", "name": "  "}, "rename without a name"),
     ({"action": "rename", "name": "new"}, "'new' cannot name an individual"),
+    ({"action": "rename", "name": "Bo\nb"}, "'Bo\\nb' cannot name an individual"),
     ({"box": "1,2,3"}, "box '1,2,3': expected x,y,w,h in pixels"),
     ({"path": "/nowhere/x.jpg"}, "/nowhere/x.jpg: file not found"),
     ({"key": "0" * 32}, "its content changed since the page was made"),
@@ -168,6 +169,9 @@ def test_a_file_without_the_columns_is_refused_in_one_line(tmp_path):
     path = tmp_path / "decisions.csv"
     path.write_text("photo,decision\na.jpg,Bob\n")
     with pytest.raises(JaguarKitError, match=r"line 1: no path, key, action column"):
+        read_decisions(path, set())
+    path.write_text("photo;path;key;action\na.jpg;/a.jpg;k;confirm\n")  # re-saved by a spreadsheet
+    with pytest.raises(JaguarKitError, match="wrong delimiter"):
         read_decisions(path, set())
 
 
@@ -235,7 +239,11 @@ def test_review_command_applies_and_refuses_bad_files_in_one_line(setup, catalog
 
     i = pick(ident, new=True)[0]
     good = write_decisions(tmp_path / "good.csv", [row(ident, i, "rename", "Yara")])
-    proc = run_cli("review", "--catalogue", catalogue, "--decisions", good)
+    killed = run_cli("review", "--catalogue", catalogue, "--decisions", good, fault="review-history:1")
+    assert killed.returncode < 0  # killed after saving the catalogue, before writing the history
+    assert "Yara" in Catalogue.load(catalogue).individuals and not (catalogue / "history.jsonl").exists()
+    proc = run_cli("review", "--catalogue", catalogue, "--decisions", good)  # the rerun completes it
     assert proc.returncode == 0, proc.stderr
-    assert "1 decisions applied (0 confirmed, 1 renamed, 0 rejected): 1 photos added, new individuals: Yara" in proc.stdout
-    assert "Yara" in Catalogue.load(catalogue).individuals
+    assert "1 decisions applied (0 confirmed, 1 renamed, 0 rejected): 1 photos added" in proc.stdout
+    after = Catalogue.load(catalogue)
+    assert after.identities.count("Yara") == 1 and len(read_history(catalogue)) == 1

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import JaguarKitError
+from ..files import fault_point
 from .calibration import DEFAULT_TARGET_FMR
 from .catalogue import Catalogue, build_catalogue
 from .inputs import Photo, _raise_problems, photo_key
@@ -44,6 +45,7 @@ COLUMNS = ("photo", "path", "key", "box", "kind", "group", "proposed", "action",
 REQUIRED = ("path", "key", "action")
 ACTIONS = ("confirm", "reject", "rename", "skip")
 RESERVED_NAMES = {"new"}  # identify's word for "no known individual"
+MAX_NAME = 200  # characters: a name, not a paste
 
 
 def normalise_name(name: str) -> str:
@@ -100,8 +102,13 @@ def read_decisions(path: str | Path, individuals: set[str]) -> list[Decision]:
     except (OSError, UnicodeDecodeError) as e:
         raise JaguarKitError(f"{path}: cannot read as a UTF-8 CSV ({e})") from e
     reader = csv.reader(io.StringIO(text))
+    rows: list[tuple[int, list[str]]] = []  # (the line each row starts on, its cells)
+    start = 1
     try:
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+        for row in reader:
+            if any(c.strip() for c in row):
+                rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as e:
         raise JaguarKitError(f"{path}: line {reader.line_num}: cannot parse CSV ({e})") from e
     if not rows:
@@ -109,8 +116,9 @@ def read_decisions(path: str | Path, individuals: set[str]) -> list[Decision]:
     header = [h.strip().lower() for h in rows[0][1]]
     missing = [c for c in REQUIRED if c not in header]
     if missing:
+        hint = " - wrong delimiter? expected ','" if len(header) == 1 and (";" in header[0] or "\t" in header[0]) else ""
         raise JaguarKitError(f"{path}: line {rows[0][0]}: no {', '.join(missing)} column; expected the decisions.csv "
-                             f"that report.html exports ({','.join(COLUMNS)})")
+                             f"that report.html exports ({','.join(COLUMNS)}){hint}")
     col = {h: i for i, h in enumerate(header)}
     problems: list[str] = []
     decisions: list[Decision] = []
@@ -145,8 +153,10 @@ def read_decisions(path: str | Path, individuals: set[str]) -> list[Decision]:
             name = proposed if proposed in individuals else ""  # `new`, `new-001`: rename it to add it
         else:
             name = ""
-        if name and (name.lower() in RESERVED_NAMES or any(unicodedata.category(c).startswith("C") for c in name)):
-            problems.append(f"{where}: {name!r} cannot name an individual (reserved word or control character)")
+        if name and (name.lower() in RESERVED_NAMES or len(name) > MAX_NAME
+                     or any(unicodedata.category(c).startswith("C") for c in name)):
+            problems.append(f"{where}: {name[:40]!r} cannot name an individual (reserved word, control character "
+                            f"or over {MAX_NAME} characters)")
             continue
         file = Path(cell["path"])
         photo = Photo(file, name or None, box, cell["photo"] or file.name, where)
@@ -252,6 +262,7 @@ def apply_decisions(catalogue: str | Path, decisions: str | Path, model: Model |
         result.catalogue = build_catalogue([d.photo for d in adds], model, folder, target_false_merge=target,
                                            progress=progress)
         result.new_individuals = sorted(set(result.catalogue.individuals) - before)
+    fault_point("review-history")  # tests: a kill here leaves the catalogue updated, the history not yet
     in_catalogue = set(cat.keys)
     for d in todo:
         if d.action == "reject" and d.key in in_catalogue:

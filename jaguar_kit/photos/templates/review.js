@@ -49,7 +49,9 @@
     entry.classList.add("r-" + d.action);
     entry.dataset.reviewed = d.action;
     var proposed = entry.dataset.proposed;
-    status.textContent = d.action === "confirm" ? "confirmed: " + proposed
+    var unnamed = entry.dataset.decision === "new";  // `new`, `new-001`: no individual to join yet
+    status.textContent = d.action === "confirm" && unnamed ? "confirmed new: Rename it to add it to the catalogue"
+      : d.action === "confirm" ? "confirmed: " + proposed
       : d.action === "reject" ? "rejected: not " + proposed : "renamed: " + d.name;
     if (d.action === "rename") { entry.querySelector(".rename-name").value = d.name; }
   }
