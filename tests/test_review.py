@@ -197,6 +197,7 @@ def test_confirmed_and_renamed_photos_join_the_catalogue_rejected_ones_do_not(se
     result = apply_decisions(catalogue, decisions, model=shared_model(), progress=False)
     assert [d.action for d in result.applied] == ["confirm", "reject", "rename", "confirm"]
     assert result.new_individuals == ["José"]
+    assert "1 confirmed without an individual of this catalogue to join: recorded, not added" in result.summary()
     after = Catalogue.load(catalogue)
     ids = dict(zip(after.keys, after.identities))
     assert ids[ident.keys[known[0]]] == ident.decisions[known[0]]

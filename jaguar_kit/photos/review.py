@@ -193,7 +193,7 @@ def read_history(catalogue: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -234,6 +234,10 @@ class ReviewResult:
                 f"{counts['reject']} rejected): {added} photos added")
         if self.new_individuals:
             text += f", new individuals: {', '.join(self.new_individuals)}"
+        unnamed = sum(d.action == "confirm" and not d.name for d in self.applied)
+        if unnamed:  # `new`, `new-001`, or a name this catalogue does not have
+            text += (f"; {unnamed} confirmed without an individual of this catalogue to join: recorded, not added "
+                     f"(Rename them in the page to add them)")
         if self.already:
             text += f"; {self.already} applied before (unchanged)"
         if self.catalogue is not None:
