@@ -151,7 +151,7 @@ def test_a_large_page_keeps_its_thumbnails_beside_it_lazily(setup, tmp_path, mon
     ({"action": "maybe"}, "action 'maybe'; expected one of confirm, reject, rename, skip"),
     ({"action": "rename", "name": "  "}, "rename without a name"),
     ({"action": "rename", "name": "new"}, "'new' cannot name an individual"),
-    ({"action": "rename", "name": "Bo\nb"}, "'Bo\\nb' cannot name an individual"),
+    ({"action": "rename", "name": "Bo\x07b"}, "'Bo\\x07b' cannot name an individual"),
     ({"box": "1,2,3"}, "box '1,2,3': expected x,y,w,h in pixels"),
     ({"path": "/nowhere/x.jpg"}, "/nowhere/x.jpg: file not found"),
     ({"key": "0" * 32}, "its content changed since the page was made"),

@@ -235,11 +235,6 @@ def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clu
         src = thumbs.src(result.keys[i], lambda f=result.prepared[i]: _thumb(f))
         return {**_photo_data(p, result.keys[i]), "figure": _figure(src, lines)}
 
-    def individual(name: str) -> str | None:
-        """The known individual a group is named after (``Bob-2``: a second group on Bob), if any."""
-        base = name if name in known else name.rsplit("-", 1)[0]
-        return base if base in known else None
-
     def reference(members: np.ndarray, base: str) -> dict | None:
         """The catalogue photo that best matches the group's individual, to compare with."""
         best = None
@@ -256,7 +251,7 @@ def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clu
     groups, singles = [], []
     for g, name in enumerate(result.group_names):
         members = np.flatnonzero(result.groups == g)
-        base = individual(name)
+        base = name if name in known else None  # the known individual it is attached to (else new-NNN, group-NNN)
         badge = "new" if name.startswith("new-") else "known" if ident is not None else "uncal"
         probability = uncertainty = ""
         if ident is not None:

@@ -37,6 +37,7 @@ from .calibration import DEFAULT_TARGET_FMR
 from .catalogue import Catalogue, build_catalogue
 from .inputs import Photo, _raise_problems, photo_key
 from .model import Model, load_model
+from .names import normalise_name
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,6 @@ REQUIRED = ("path", "key", "action")
 ACTIONS = ("confirm", "reject", "rename", "skip")
 RESERVED_NAMES = {"new"}  # identify's word for "no known individual"
 MAX_NAME = 200  # characters: a name, not a paste
-
-
-def normalise_name(name: str) -> str:
-    """An individual's name as the catalogue keeps it: Unicode NFC, trimmed."""
-    return unicodedata.normalize("NFC", name).strip()
 
 
 @dataclass(frozen=True)
@@ -282,5 +278,5 @@ def apply_decisions(catalogue: str | Path, decisions: str | Path, model: Model |
     return result
 
 
-__all__ = ["ACTIONS", "COLUMNS", "HISTORY", "Decision", "ReviewResult", "apply_decisions", "normalise_name",
-           "read_decisions", "read_history"]
+__all__ = ["ACTIONS", "COLUMNS", "HISTORY", "Decision", "ReviewResult", "apply_decisions", "read_decisions",
+           "read_history"]
