@@ -237,6 +237,15 @@ def cmd_cluster(args: argparse.Namespace) -> None:
           + (f", {out / 'groups'}/ ({args.folders}s)" if args.folders else ""))
 
 
+def cmd_review(args: argparse.Namespace) -> None:
+    from .photos.review import apply_decisions
+
+    result = apply_decisions(args.catalogue, args.decisions, device=args.device, progress=not args.quiet)
+    if result.catalogue is not None:
+        _print_warnings(result.catalogue.warnings)
+    print(f"{args.decisions}: {result.summary()}; history: {result.history}")
+
+
 def _score_open_set(args: argparse.Namespace) -> None:
     """The open-set report of ``score --open-set``: identities held out as new individuals."""
     from .photos.evaluate import evaluate_open_set
@@ -375,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared-size", type=int, default=None, help="longest side of the prepared photos (default 768)")
     _add_photo_model(p, None)
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("review", help="apply decisions.csv (exported from report.html) to a catalogue; it recalibrates")
+    p.add_argument("--catalogue", required=True, help="the catalogue folder the report was made with")
+    p.add_argument("--decisions", required=True, help="decisions.csv exported by report.html's Export button")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (embeds the photos added)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_review)
 
     kp = sub.add_parser("kaggle", help="Kaggle delivery: push kernels")
     ksub = kp.add_subparsers(dest="kaggle_command", required=True, metavar="ACTION")

@@ -11,5 +11,6 @@ The modules follow the photos' path (each imports only those before it)::
     cluster      groups of unlabelled photos, attached to known individuals
     folders      a folder per group (links or copies), rewritten safely by its manifest
     report       report.html, the page a person reviews
+    review       apply the decisions.csv that page exports to a catalogue (history.jsonl)
     evaluate     open-set figures on an identity-disjoint split
 """
