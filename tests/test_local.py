@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 
 from jaguar_kit.data.synth import render_image
 from jaguar_kit.local import LocalSettings, SiftMatcher, compute_local_features, rootsift
