@@ -147,12 +147,12 @@ def tune(
     names = [n for n in first.names if n in labels]
     if len(names) < 4:
         raise JaguarKitError(f"tune: only {len(names)} of the {len(first.names)} embedded images have labels")
+    n_models = len(next(iter(variants.values())))
     arrays = {}
-    for tta in sorted(variants, key=TTA_ORDER.index):  # ties go to the cheaper TTA
-        sets = variants[tta]
-        if len(sets) != len(first_sets := next(iter(variants.values()))):
-            raise JaguarKitError(f"tune: TTA {tta!r} has {len(sets)} models, others have {len(first_sets)}")
-        arrays[tta] = [s.subset(names).vectors for s in sets]
+    for tta in sorted(variants, key=TTA_ORDER.index):  # cheapest first: ties go to the cheaper TTA
+        if len(variants[tta]) != n_models:
+            raise JaguarKitError(f"tune: TTA {tta!r} has {len(variants[tta])} models, others have {n_models}")
+        arrays[tta] = [s.subset(names).vectors for s in variants[tta]]
     y = np.asarray([str(labels[n]) for n in names], dtype=object)
     if (pd.Series(y).value_counts() > 1).sum() < 4:
         raise JaguarKitError("tune: needs at least 4 identities with two or more validation images")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.retrieval.logistic import fit_logistic, sigmoid
+from jaguar_kit.logistic import fit_logistic, sigmoid
 
 
 def catalogue_fit_before(x, y, w=None, ridge=1e-3, iterations=50):

@@ -12,7 +12,7 @@ from jaguar_kit.metrics import ranked_others
 from jaguar_kit.retrieval import Context, Pipeline
 from jaguar_kit.retrieval.fusion import (Calibration, ShortlistScores, calibration_quality, fit_calibration,
                                          fuse_shortlist, same_individual_probability)
-from jaguar_kit.retrieval.logistic import fit_logistic
+from jaguar_kit.logistic import fit_logistic
 from jaguar_kit.retrieval.verify import LocalVerification, shortlist, verify_shortlist
 
 

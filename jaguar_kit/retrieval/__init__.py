@@ -2,13 +2,12 @@
 
 - :mod:`.step`: what a step is (parameters, search space, apply/fit) and the state it transforms;
 - :mod:`.similarity`, :mod:`.query_expansion`, :mod:`.rerank`, :mod:`.verify`: the steps;
-- :mod:`.fusion` and :mod:`.logistic`: the calibrated fusion local verification uses;
+- :mod:`.fusion`: the calibrated fusion local verification uses (fitted by :mod:`jaguar_kit.logistic`);
 - :mod:`.pipeline`: the steps in order, built from the config; :mod:`.search`: how ``tune``
   scores every setting of the steps' search spaces.
 """
 
 from .fusion import Calibration, ShortlistScores, calibration_quality, fit_calibration, fuse_shortlist
-from .logistic import fit_logistic
 from .pipeline import STEPS, Pipeline, final_similarity
 from .query_expansion import QueryExpansion, query_expansion
 from .rerank import SPARSE_THRESHOLD, KReciprocalRerank, k_reciprocal_rerank
@@ -17,7 +16,7 @@ from .step import Context, State, Step
 from .verify import LocalVerification, shortlist, verify_shortlist
 
 __all__ = [
-    "Calibration", "ShortlistScores", "calibration_quality", "fit_calibration", "fuse_shortlist", "fit_logistic",
+    "Calibration", "ShortlistScores", "calibration_quality", "fit_calibration", "fuse_shortlist",
     "STEPS", "Pipeline", "final_similarity", "QueryExpansion", "query_expansion", "SPARSE_THRESHOLD",
     "KReciprocalRerank", "k_reciprocal_rerank", "GlobalSimilarity", "cosine_similarity", "Context", "State", "Step",
     "LocalVerification", "shortlist", "verify_shortlist",

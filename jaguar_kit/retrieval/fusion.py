@@ -11,8 +11,8 @@ WildFusion calibrates its scores. ``local_weight`` is 1 for the fitted, calibrat
 order back). :func:`fuse_shortlist` re-ranks each query's shortlist by the fused score and
 leaves the rest in the global order below it (:class:`~jaguar_kit.retrieval.verify.LocalVerification`
 is the step that does it); :func:`same_individual_probability` gives the probability for
-any pair. (The own-photos `new`-individual decision has its own calibration of best-match
-scores, :mod:`jaguar_kit.photos.calibration`; both fit with :func:`~jaguar_kit.retrieval.logistic.fit_logistic`.)
+any pair. (The own-photos `new`-individual decision calibrates best-match scores instead,
+in :mod:`jaguar_kit.photos.calibration`.)
 
 The coefficients live in :class:`~jaguar_kit.config.RetrievalConfig` (``fusion_*``, read and
 written by the step), so they travel in the same JSON as the rest of the retrieval settings.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import JaguarKitError
-from .logistic import fit_logistic, sigmoid
+from ..logistic import fit_logistic, sigmoid
 
 
 @dataclass

@@ -4,8 +4,8 @@ It serves the local-feature fusion (three features, refusing labels of one kind:
 nothing to calibrate) and the photo catalogue's score -> probability map (one feature,
 sample weights, and a finite answer even when one kind is missing). scikit-learn is not a
 dependency of the wheel (it installs with --no-deps on Kaggle and must stay small), and a
-model with a few inputs needs nothing more than this. This module imports no other part of
-the kit, so any layer may use it.
+model with a few inputs needs nothing more than this. It imports nothing of the kit but
+its error type, so any layer may use it (the photos package as much as retrieval).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import JaguarKitError
+from .errors import JaguarKitError
 
 
 def sigmoid(z) -> np.ndarray:
