@@ -219,10 +219,20 @@ def tune(
         "chosen": {"tta": chosen.variant, "map": chosen.map,
                    "note": "in-sample: the held-out figures are the honest ones"},
     }
-    table = pd.DataFrame([s.row() for s in scored])
-    return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base),
-                      table.sort_values("map", ascending=False, kind="stable").reset_index(drop=True),
-                      heldout, reports.get(LocalVerification.name), baselines, chosen.steps, reports)
+    return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base), _table(scored, tuned), heldout,
+                      reports.get(LocalVerification.name), baselines, chosen.steps, reports)
+
+
+def _table(scored: Sequence[Scored], steps: Sequence[Step]) -> pd.DataFrame:
+    """Every setting scored, best first; columns: tta, the steps' parameters in pipeline order, map, rank1."""
+    rows = [s.row() for s in scored]
+    table = pd.DataFrame(rows)
+    params = [f.name for s in steps for f in dataclasses.fields(s) if f.name in table]
+    table = table[["tta", *params, "map", "rank1"]]
+    for c in params:  # a setting a row does not use (k1 with re-ranking off) is blank, integers stay integers
+        if all(isinstance(r[c], int) and not isinstance(r[c], bool) for r in rows if c in r):
+            table[c] = table[c].astype("Int64")
+    return table.sort_values("map", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
@@ -234,7 +244,7 @@ def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
     report = {"chosen": _describe(result.tta, result.steps), "heldout": result.heldout,
               "validation_in_sample": result.baselines, "calibration": result.calibration_quality,
               "fitted_steps": result.reports, "table": paths["table"].name,
-              "top_settings": result.table.head(10).to_dict("records")}
+              "top_settings": [{k: v for k, v in r.items() if not pd.isna(v)} for r in result.table.head(10).to_dict("records")]}
     atomic_write_text(paths["report"], json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(paths["config"], json.dumps(result.config_dict(), indent=2) + "\n")
     return paths
