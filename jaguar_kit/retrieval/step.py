@@ -44,18 +44,15 @@ class Context:
 class State:
     """What flows through the steps: per-model embeddings, then a similarity (higher = closer).
 
-    ``cache`` belongs to this state only: a step stores there what several settings of the
-    steps after it would recompute (e.g. a re-ranking distance tried with several blends).
+    ``cache`` belongs to this state only: a step given this state stores there what its
+    settings would each recompute from it (one re-ranking distance for several blends, one
+    shortlist's matches for several fusion weights).
     """
 
     ctx: Context
     embeddings: list[np.ndarray]  # per model, (N, D) float32, rows aligned with ctx.names
     sim: np.ndarray | None = None  # (N, N)
     cache: dict = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return int(self.embeddings[0].shape[0])
 
     def then(self, **changes: Any) -> "State":
         """The state a step hands on (a fresh cache)."""

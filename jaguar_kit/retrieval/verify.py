@@ -122,10 +122,11 @@ class LocalVerification(Step):
 
     # ------------------------------------------------------------------ evidence
 
-    def _features(self, ctx: Context, names: Sequence[str]) -> list[ImageFeatures]:
-        """Features of ``names`` (remembered in ``ctx.memo``, cached on disk in ``ctx.local_cache``)."""
+    def _features(self, ctx: Context) -> tuple[list[str], list[ImageFeatures]]:
+        """``ctx``'s image names and their features (kept in ``ctx.memo``, cached in ``ctx.local_cache``)."""
         if ctx.images is None or ctx.names is None:
-            raise JaguarKitError("local verification needs the images (give --data)")
+            raise JaguarKitError("local verification needs the images (--data)")
+        names = [str(n) for n in ctx.names]
         known = ctx.memo.setdefault(("local-features", self.settings), {})
         todo = [n for n in names if n not in known]
         if todo:
@@ -137,16 +138,15 @@ class LocalVerification(Step):
             got = compute_local_features(todo, [ctx.images[n] for n in todo], ctx.local_cache, self.settings,
                                          workers=ctx.workers, progress=ctx.progress)
             known.update(zip(got.names, got.features))
-        return [known[str(n)] for n in names]
+        return names, [known[n] for n in names]
 
     def _scores(self, state: State) -> ShortlistScores:
         """The shortlist of ``state``'s similarity and its matches (cached on the state)."""
         def make():
-            ctx = state.ctx
-            feats = self._features(ctx, [str(n) for n in ctx.names or ()])
-            memo = ctx.memo.setdefault(("local-matches", self.settings), {})
+            names, feats = self._features(state.ctx)
+            memo = state.ctx.memo.setdefault(("local-matches", self.settings), {})
             return verify_shortlist(state.similarity(self.name), feats, self.local_k, SiftMatcher(self.settings),
-                                    progress=ctx.progress, memo=memo, keys=[str(n) for n in ctx.names])
+                                    progress=state.ctx.progress, memo=memo, keys=names)
 
         return state.cached((self.name, self.local_k, self.settings), make)
 
@@ -158,8 +158,8 @@ class LocalVerification(Step):
     # ------------------------------------------------------------------ the step
 
     def prepare(self, ctx: Context) -> None:
-        if ctx.images is not None and ctx.names is not None:
-            self._features(ctx, [str(n) for n in ctx.names])
+        if ctx.images is not None:
+            self._features(ctx)
 
     def fit(self, state: State, labels: np.ndarray) -> "LocalVerification":
         if state.ctx.images is None:
