@@ -33,12 +33,11 @@ sys.path.insert(0, str(REPO))
 from jaguar_kit.data.competition import load_competition  # noqa: E402
 from jaguar_kit.data.synth import generate_competition, render_image  # noqa: E402
 from jaguar_kit.demo import demo_config  # noqa: E402
-from jaguar_kit.fusion import fit_calibration, fuse_shortlist  # noqa: E402
-from jaguar_kit.local import (LocalSettings, SiftMatcher, compute_local_features, shortlist,  # noqa: E402
-                              verify_shortlist)
+from jaguar_kit.local import SiftMatcher, compute_local_features  # noqa: E402
 from jaguar_kit.metrics import identity_balanced_map  # noqa: E402
 from jaguar_kit.pipeline import embed_split, read_labels, split_images  # noqa: E402
-from jaguar_kit.retrieval import final_similarity  # noqa: E402
+from jaguar_kit.retrieval import (LocalVerification, final_similarity, fit_calibration, fuse_shortlist,  # noqa: E402
+                                  shortlist, verify_shortlist)
 
 K = 20
 
@@ -122,7 +121,7 @@ def main() -> None:
     cfg = demo_config()
     cfg.train.time_budget_h = args.train_minutes / 60
     prepared, cache = work / "prepared", work / "cache"
-    settings = LocalSettings.from_config(cfg.retrieval)
+    settings = LocalVerification.from_config(cfg.retrieval).settings
     lcache = work / "local_cache"
     memo: dict = {}
 
@@ -189,10 +188,8 @@ def main() -> None:
     te = test[result.tta]
     ts = sim_of(te, dataclasses.replace(result.retrieval, local_verify=False))
     if result.retrieval.local_verify:
-        from jaguar_kit.fusion import Calibration
-
         tsc = local_scores(ts, te.names, [test_paths[n] for n in te.names], lcache, settings, memo)
-        ts = fuse_shortlist(ts, tsc, Calibration.from_config(result.retrieval))
+        ts = fuse_shortlist(ts, tsc, LocalVerification.from_config(result.retrieval).calibration)
     rows_test["fine-tuned, the combination `tune` picks"] = score(ts, te.names, solution)
 
     stage("pseudo-labels: selection and one round")

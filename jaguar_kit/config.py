@@ -128,7 +128,7 @@ class RetrievalConfig:
     k2: int = 6  # re-ranking: local query expansion size
     lambda_value: float = 0.3  # weight of the original distance in k-reciprocal re-ranking
     rerank_blend: float = 1.0  # 1: re-ranked only, 0: raw cosine only
-    # Local-feature verification (jaguar_kit/local.py) fused by a logistic calibration (jaguar_kit/fusion.py):
+    # Local-feature verification (retrieval/verify.py) fused by a logistic calibration (retrieval/fusion.py):
     # p(same) = sigmoid(fusion_bias + fusion_global * g + local_weight * (fusion_inliers * log(1 + inliers)
     # + fusion_ratio * inlier_ratio)), g the similarity above; `jaguar-kit tune` fits the fusion_* values.
     local_verify: bool = False  # re-rank each query's top local_k images by local matches (needs the images)

@@ -5,8 +5,9 @@ matches with a global embedding and gained most on spotted species. Here, for ev
 only the ``k`` most similar gallery images by the global similarity are matched (a
 shortlist: all pairs of the real test set would be 137,270 matches), and each match gives
 two numbers: the RANSAC inlier count and the inlier ratio (inliers / ratio-test matches).
-:mod:`jaguar_kit.fusion` turns them, with the global similarity, into one calibrated
-probability that re-ranks the shortlist.
+:mod:`jaguar_kit.retrieval.verify` matches the shortlists and
+:mod:`jaguar_kit.retrieval.fusion` turns the numbers, with the global similarity, into one
+calibrated probability that re-ranks the shortlist.
 
 The pipeline per image, all OpenCV, no weights, offline:
 
@@ -56,7 +57,6 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import RetrievalConfig
 from .embed import chunk_fingerprint
 from .errors import JaguarKitError
 from .files import atomic_path, fault_point, file_sha256, remove_stale_temporaries
@@ -77,10 +77,6 @@ class LocalSettings:
     crop_margin: float = 0.05
     use_mask: bool = True  # detect keypoints only inside the alpha mask
     clahe: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: RetrievalConfig) -> "LocalSettings":
-        return cls(size=int(cfg.local_size), max_keypoints=int(cfg.local_features))
 
     def check(self) -> "LocalSettings":
         if self.size < 32:
@@ -332,95 +328,6 @@ def compute_local_features(
     return FeatureResult([str(n) for n in names], feats, computed, reused)
 
 
-# ----------------------------------------------------------------------------- shortlists
-
-
-def shortlist(sim: np.ndarray, k: int = 20) -> np.ndarray:
-    """(N, k) indices of each row's k most similar *other* images, best first (ties: lower index)."""
-    from .metrics import ranked_others
-
-    sim = np.asarray(sim)
-    n = sim.shape[0]
-    if k < 1:
-        raise JaguarKitError(f"local verification: shortlist size must be >= 1, got {k}")
-    k = min(int(k), n - 1)
-    return np.concatenate([ranked_others(sim, np.arange(s, min(n, s + 256)))[:, :k] for s in range(0, n, 256)])
-
-
-@dataclass
-class ShortlistScores:
-    """Local evidence for each query's shortlist: ``index[i, r]`` is the r-th candidate of query i."""
-
-    index: np.ndarray  # (N, k) int
-    inliers: np.ndarray  # (N, k) int
-    ratio: np.ndarray  # (N, k) float
-
-
-def verify_shortlist(
-    sim: np.ndarray,
-    features: Sequence[ImageFeatures],
-    k: int = 20,
-    matcher: Matcher | None = None,
-    progress: bool = True,
-    memo: dict | None = None,
-    keys: Sequence[str] | None = None,
-) -> ShortlistScores:
-    """Match every query against its top ``k`` images by ``sim`` (features aligned with its rows).
-
-    A pair that is in both images' shortlists is matched once (the score is taken as
-    symmetric). ``memo`` (keyed by ``keys``, e.g. image names) carries matches across calls,
-    so trying several global settings matches each pair once.
-    """
-    n = np.asarray(sim).shape[0]
-    if len(features) != n:
-        raise JaguarKitError(f"local verification: {len(features)} feature sets for a {n} x {n} similarity")
-    matcher = matcher or SiftMatcher()
-    keys = list(keys) if keys is not None else list(range(n))
-    memo = {} if memo is None else memo
-    index = shortlist(sim, k)
-    todo = sorted({(min(keys[i], keys[j]), max(keys[i], keys[j])) if keys[i] != keys[j] else (keys[i], keys[j])
-                   for i in range(n) for j in index[i]} - set(memo))
-    pos = {key: i for i, key in enumerate(keys)}
-    for a, b in tqdm(todo, desc="local matching", unit="pair", disable=not progress or not todo):
-        memo[(a, b)] = matcher.match(features[pos[a]], features[pos[b]])
-    inliers = np.zeros(index.shape, np.int64)
-    ratio = np.zeros(index.shape, np.float64)
-    for i in range(n):
-        for r, j in enumerate(index[i]):
-            a, b = keys[i], keys[j]
-            m = memo[(min(a, b), max(a, b))]
-            inliers[i, r], ratio[i, r] = m.inliers, m.ratio
-    return ShortlistScores(index, inliers, ratio)
-
-
-def local_rerank(
-    sim: np.ndarray,
-    names: Sequence[str],
-    paths: Sequence[str | Path],
-    cfg: RetrievalConfig,
-    cache_dir: str | Path,
-    workers: int = 0,
-    progress: bool = True,
-) -> np.ndarray:
-    """``sim`` with each query's top ``cfg.local_k`` re-ranked by the calibrated fusion.
-
-    What a submission calls when ``cfg.local_verify`` is on: features (cached), matches on
-    the shortlist, then :func:`jaguar_kit.fusion.fuse_shortlist` with the calibration
-    stored in ``cfg`` (fitted by ``jaguar-kit tune``). Returns a new (N, N) float64 matrix.
-    """
-    from .fusion import Calibration, fuse_shortlist
-
-    cal = Calibration.from_config(cfg)
-    if not cal.fitted:
-        raise JaguarKitError("retrieval.local_verify is on but the fusion is not calibrated "
-                             "(retrieval.fusion_* are all 0): run `jaguar-kit tune --data ...` on validation "
-                             "embeddings and pass its tuned.json with --config")
-    settings = LocalSettings.from_config(cfg)
-    feats = compute_local_features(names, paths, cache_dir, settings, workers=workers, progress=progress)
-    scores = verify_shortlist(sim, feats.features, cfg.local_k, SiftMatcher(settings), progress=progress)
-    return fuse_shortlist(sim, scores, cal)
-
-
 __all__ = [
     "LocalSettings",
     "ImageFeatures",
@@ -430,8 +337,4 @@ __all__ = [
     "rootsift",
     "image_digest",
     "compute_local_features",
-    "shortlist",
-    "ShortlistScores",
-    "verify_shortlist",
-    "local_rerank",
 ]

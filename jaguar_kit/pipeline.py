@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,25 +266,21 @@ def submit(
     if missing:
         raise JaguarKitError(f"{data_dir}: {len(missing)} of the {len(test_names)} test images have no embedding "
                              f"(e.g. {missing[0]!r}); embed the test split with these settings")
+    from .retrieval import Context, Pipeline  # deferred, like every torch-heavy import here
+
     sets = [s.subset(test_names) for s in sets]
-    names, sim = similarity(sets, cfg)
-    if cfg.local_verify:  # the calibrated local-feature fusion a tuned.json may switch on
-        import os
-
-        from .local import local_rerank
-
-        by_name = dict(zip(comp.test_images["filename"].astype(str), comp.test_images["path"]))
-        workers = min(4, os.cpu_count() or 1) if len(names) >= 100 else 0  # a process pool outweighs a few images
-        # features cached next to the output (on Kaggle under /kaggle/working: a rerun reuses them)
-        sim = local_rerank(sim, names, [by_name[str(n)] for n in names], cfg, Path(out_csv).parent / "local_cache",
-                           workers=workers)
-    path = write_submission(comp.pairs, names, sim, out_csv)
+    by_name = dict(zip(comp.test_images["filename"].astype(str), comp.test_images["path"]))
+    # Local features (when the config verifies) are cached next to the output: on Kaggle under
+    # /kaggle/working, so a rerun reuses them; a process pool outweighs a few images.
+    ctx = Context(test_names, by_name, Path(out_csv).parent / "local_cache",
+                  workers=min(4, os.cpu_count() or 1) if len(test_names) >= 100 else 0, progress=True)
+    sim = Pipeline.from_config(cfg).run([s.vectors for s in sets], ctx)
+    path = write_submission(comp.pairs, test_names, sim, out_csv)
     if grid_png is not None:
         from .data.images import decode_image
         from .viz import save_retrieval_grid
 
-        by_name = dict(zip(comp.test_images["filename"], comp.test_images["path"]))
-        save_retrieval_grid(sim, names, lambda n: decode_image(by_name[n])[0], grid_png)
+        save_retrieval_grid(sim, test_names, lambda n: decode_image(by_name[str(n)])[0], grid_png)
     return path
 
 

@@ -190,7 +190,7 @@ def test_bad_inputs_are_one_line_errors():
 def test_jaccard_min_sums_equal_brute_force_in_any_batching(max_pairs):
     import torch
 
-    from jaguar_kit.retrieval import _add_min_sums
+    from jaguar_kit.retrieval.rerank import _add_min_sums
 
     rng = np.random.default_rng(max_pairs)
     v = rng.random((30, 30)).astype(np.float32) * (rng.random((30, 30)) < 0.2)

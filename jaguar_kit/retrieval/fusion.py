@@ -8,69 +8,33 @@ inlier ratio into the probability that both images show the same individual::
 fitted on validation pairs (each query's shortlist, where the local evidence exists), as
 WildFusion calibrates its scores. ``local_weight`` is 1 for the fitted, calibrated model;
 ``jaguar-kit tune`` may pick another value when it ranks better (0 gives the global
-order back). The same :class:`Calibration` serves two users:
+order back). :func:`fuse_shortlist` re-ranks each query's shortlist by the fused score and
+leaves the rest in the global order below it (:class:`~jaguar_kit.retrieval.verify.LocalVerification`
+is the step that does it); :func:`same_individual_probability` gives the probability for
+any pair. (The own-photos `new`-individual decision calibrates best-match scores instead,
+in :mod:`jaguar_kit.photos.calibration`.)
 
-- retrieval: :func:`fuse_shortlist` re-ranks each query's shortlist by the fused score and
-  leaves the rest in the global order below it;
-- the ecologists' identify decision: :func:`same_individual_probability` gives the
-  probability for any (query, candidate) pair, so "known individual or new" is a threshold
-  on a calibrated number.
-
-The coefficients live in :class:`~jaguar_kit.config.RetrievalConfig` (``fusion_*``), so
-they travel in the same JSON as the rest of the retrieval settings.
+The coefficients live in :class:`~jaguar_kit.config.RetrievalConfig` (``fusion_*``, read and
+written by the step), so they travel in the same JSON as the rest of the retrieval settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import RetrievalConfig
-from .errors import JaguarKitError
-
-if TYPE_CHECKING:
-    from .local import ShortlistScores
+from ..errors import JaguarKitError
+from ..logistic import fit_logistic, sigmoid
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z) without overflow
+@dataclass
+class ShortlistScores:
+    """Local evidence for each query's shortlist: ``index[i, r]`` is the r-th candidate of query i."""
 
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, max_iter: int = 100) -> tuple[np.ndarray, float]:
-    """Weights and intercept of an L2-regularised logistic regression, by Newton's method.
-
-    scikit-learn is not a dependency of the wheel (it installs with --no-deps on Kaggle and
-    must stay small), and a model with three inputs needs nothing more than this: features
-    are standardised, the penalty ``l2`` (on the standardised weights, not the intercept)
-    keeps the fit finite when the classes separate perfectly, and Newton's method converges
-    in a handful of steps.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.ndim != 2 or len(x) != len(y):
-        raise JaguarKitError(f"calibration: features {x.shape} and {len(y)} labels do not match")
-    if len(y) < 2 or y.min() == y.max():
-        raise JaguarKitError(f"calibration: needs pairs of both kinds (same and different individuals), got "
-                             f"{int(y.sum())} same of {len(y)}")
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    z = np.hstack([np.ones((len(x), 1)), (x - mu) / sd])
-    w = np.zeros(z.shape[1])
-    penalty = np.full(z.shape[1], float(l2))
-    penalty[0] = 0.0
-    for _ in range(max_iter):
-        p = _sigmoid(z @ w)
-        grad = z.T @ (p - y) + penalty * w
-        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    coef = w[1:] / sd
-    return coef, float(w[0] - coef @ mu)
+    index: np.ndarray  # (N, k) int
+    inliers: np.ndarray  # (N, k) int
+    ratio: np.ndarray  # (N, k) float
 
 
 @dataclass(frozen=True)
@@ -97,16 +61,7 @@ class Calibration:
         return self.bias + self.w_global * g + self.local_weight * local
 
     def probability(self, global_sim, inliers=None, ratio=None) -> np.ndarray:
-        return _sigmoid(self.logit(global_sim, inliers, ratio))
-
-    @classmethod
-    def from_config(cls, cfg: RetrievalConfig) -> "Calibration":
-        return cls(cfg.fusion_bias, cfg.fusion_global, cfg.fusion_inliers, cfg.fusion_ratio, cfg.local_weight)
-
-    def to_config(self, cfg: RetrievalConfig) -> RetrievalConfig:
-        """A copy of ``cfg`` carrying this calibration."""
-        return replace(cfg, fusion_bias=self.bias, fusion_global=self.w_global, fusion_inliers=self.w_inliers,
-                       fusion_ratio=self.w_ratio, local_weight=self.local_weight)
+        return sigmoid(self.logit(global_sim, inliers, ratio))
 
 
 def fit_calibration(global_sim, same, inliers=None, ratio=None, l2: float = 1.0) -> Calibration:
@@ -120,7 +75,9 @@ def fit_calibration(global_sim, same, inliers=None, ratio=None, l2: float = 1.0)
         cols.append(np.log1p(np.maximum(np.asarray(inliers, dtype=np.float64).ravel(), 0)))
     if ratio is not None:
         cols.append(np.asarray(ratio, dtype=np.float64).ravel())
-    coef, bias = fit_logistic(np.stack(cols, axis=1), np.asarray(same).ravel(), l2=l2)
+    same = np.asarray(same).ravel()
+    # fit_logistic's penalty is per unit of weight: l2 / pairs keeps this one a total of l2.
+    coef, bias = fit_logistic(np.stack(cols, axis=1), same, l2=l2 / max(len(same), 1))
     coef = list(coef)
     w_global = coef.pop(0)
     w_inliers = coef.pop(0) if inliers is not None else 0.0
@@ -152,7 +109,7 @@ def calibration_quality(p: np.ndarray, same: np.ndarray, bins: int = 10) -> dict
             "same_share": float(y.mean())}
 
 
-def fuse_shortlist(sim: np.ndarray, scores: "ShortlistScores", calibration: Calibration) -> np.ndarray:
+def fuse_shortlist(sim: np.ndarray, scores: ShortlistScores, calibration: Calibration) -> np.ndarray:
     """Re-rank each query's shortlist by the fused score; the rest keeps the global order below.
 
     Returns a new (N, N) float64 matrix: shortlisted pairs get ``max(sim) + 1 +`` their fused
@@ -171,7 +128,7 @@ def fuse_shortlist(sim: np.ndarray, scores: "ShortlistScores", calibration: Cali
 
 __all__ = [
     "Calibration",
-    "fit_logistic",
+    "ShortlistScores",
     "fit_calibration",
     "same_individual_probability",
     "calibration_quality",
