@@ -239,7 +239,7 @@ def calibration_banner(cal: Calibration | None) -> str | None:
     e = cal.estimated
     why = []
     if cal.a <= 0:
-        why.append("scores carry no signal about the individual (flat probabilities)")
+        why.append("flat probabilities: its scores carry no signal about the individual")
     if e.get("false_split", 0) >= MAX_FALSE_SPLIT:
         why.append(f"{e['false_split']:.0%} of its own known photos are called new")
     if e.get("auroc_known_vs_new", 1) < MIN_AUROC:

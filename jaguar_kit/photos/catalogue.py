@@ -21,7 +21,14 @@ import pandas as pd
 
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, atomic_write_text, fault_point, file_sha256, load_npz
-from .calibration import DEFAULT_TARGET_FMR, Calibration, calibrate, hold_out_scores, suspected_duplicates
+from .calibration import (
+    DEFAULT_TARGET_FMR,
+    Calibration,
+    calibrate,
+    calibration_banner,
+    hold_out_scores,
+    suspected_duplicates,
+)
 from .inputs import Photo, duplicate_files, prepare_photos, read_photos, thumbnail_bytes
 from .model import Model, embed_prepared, load_model
 
@@ -55,6 +62,11 @@ class Catalogue:
     @property
     def individuals(self) -> list[str]:
         return sorted(set(self.identities))
+
+    @property
+    def banner(self) -> str | None:
+        """One line when the catalogue's own calibration shows the model cannot separate its individuals."""
+        return calibration_banner(self.calibration)
 
     def codes(self) -> tuple[np.ndarray, list[str]]:
         codes, uniques = pd.factorize(pd.Series(self.identities, dtype=object))
