@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import JaguarKitError
-from ..files import RunLock, atomic_path, atomic_write_text, fault_point, file_sha256, load_npz
+from ..files import RunLock, atomic_path, atomic_write_text, file_sha256, load_npz
 from .calibration import (
     DEFAULT_TARGET_FMR,
     Calibration,
@@ -198,7 +198,6 @@ def _build(photos: Sequence[Photo], model: Model, folder: Path, target_false_mer
     if todo_unique:
         k2 = [keys[i] for i in todo_unique]
         new_emb = dict(zip(k2, embed_prepared(model, k2, [files[i] for i in todo_unique], cache, progress)))
-    fault_point("catalogue-embedded")
 
     def vector(i: int) -> np.ndarray:
         k = keys[i]
@@ -254,9 +253,10 @@ def _same_file_warnings(photos: Sequence[Photo], keys: Sequence[str]) -> list[st
     """One warning per set of individuals that share photo files (not one per file)."""
     by_ids: dict[tuple[str, ...], list[str]] = {}
     for _, ids, names in duplicate_files(photos, keys):
-        by_ids.setdefault(tuple(ids), []).extend(names)
+        by_ids.setdefault(tuple(ids), []).append(names[0])
     return [f"the same photo is listed under {len(ids)} individuals ({', '.join(ids)}): "
-            f"{len(names)} files, e.g. {', '.join(names[:3])}" for ids, names in by_ids.items()]
+            f"{len(names)} file{'s' if len(names) > 1 else ''}, e.g. {', '.join(names[:3])}"
+            for ids, names in by_ids.items()]
 
 
 def calibrate_catalogue(cat: Catalogue, target_false_merge: float) -> tuple[Calibration | None, list[str]]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import JaguarKitError
-from ..files import LOCK, RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: where train imports it
+from ..files import RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: re-exported, train.engine imports it here
 
 LAST = "last.pt"
 BEST = "best.pt"
