@@ -14,6 +14,12 @@ exceed at the target false-merge rate (default 5%: the share of photos of an uns
 that would be attached to a known one). A logistic fit of score -> "this candidate is the
 right individual" over each photo's top candidates (known and new cases weighted equally)
 turns scores into probabilities; the threshold is stored as both a score and a probability.
+Individuals that may be one animal under two names are found before, on similarities
+(:func:`suspected_duplicates`), and kept out of the fit.
+
+**Words** (:func:`decision_words`): a decision is said in the band of its probability
+(:data:`BANDS`), and :func:`calibration_banner` says when the catalogue's own calibration
+shows that the model cannot tell its individuals apart.
 """
 
 from __future__ import annotations
@@ -312,11 +318,10 @@ def suspected_duplicates(identities: Sequence[str], hold: HoldOut) -> list[Suspe
         rest = (codes != a) & (codes != b)
         same, different = hold.own[rest & np.isfinite(hold.own)], hold.new_top[rest & np.isfinite(hold.new_top)]
         sim = float(np.median(hold.new_top[mine][hold.new_arg[mine] == b]))
-        if len(same) < 3 or len(different) < 3:
-            continue  # no reference for typical similarities
-        typical = float(np.quantile(same, SAME_QUANTILE))
-        separates = auroc(same, different) >= MIN_AUROC
-        if sim >= NEAR_IDENTICAL or (separates and sim >= typical and sim >= np.quantile(different, DIFFERENT_QUANTILE)):
+        typical = float(np.quantile(same, SAME_QUANTILE)) if len(same) else float("nan")
+        known_typical = len(same) >= 3 and len(different) >= 3 and auroc(same, different) >= MIN_AUROC
+        if sim >= NEAR_IDENTICAL or (known_typical and sim >= typical
+                                     and sim >= np.quantile(different, DIFFERENT_QUANTILE)):
             found.append(SuspectedDuplicate(str(uniques[a]), str(uniques[b]), int(hits[b]), len(mine), sim, typical))
     out: list[SuspectedDuplicate] = []
     reported: set[frozenset] = set()
