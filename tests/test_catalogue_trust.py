@@ -60,6 +60,7 @@ def _one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
 # --- 1. one writer per catalogue ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # command-line subprocesses (about 25-70 s on 2 shared cores)
 def test_two_index_runs_at_once_keep_both_runs_individuals(layout, tmp_path):
     """The first run is frozen mid-embedding (after it read the catalogue); the second runs
     meanwhile. Without a lock the first then overwrites the second's individuals."""
@@ -92,6 +93,7 @@ def test_two_index_runs_at_once_keep_both_runs_individuals(layout, tmp_path):
     assert load_catalogue(cat).individuals == sorted(layout.known)  # neither run's individuals lost
 
 
+@pytest.mark.slow  # command-line subprocesses (about 25-70 s on 2 shared cores)
 def test_killed_index_keeps_the_earlier_individuals_and_a_rerun_completes(layout, tmp_path):
     photos = read_photos(layout.photos, need_identity=True)
     first = _csv(tmp_path / "a.csv", [p for p in photos if p.identity in layout.known[:3]])
@@ -109,6 +111,7 @@ def test_killed_index_keeps_the_earlier_individuals_and_a_rerun_completes(layout
 # --- 2. duplicate individuals ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # command-line subprocesses (about 25-70 s on 2 shared cores)
 def test_two_names_for_one_animal_are_reported_once_and_kept_out_of_the_calibration(layout, tmp_path):
     """The same photos under `X` and `<b>X</b>`: before, the duplicate pushed the threshold to
     about 1 (every known photo called new) without a word."""
@@ -175,6 +178,7 @@ def test_decision_words_follow_the_probability(p, band):
     assert decision_words("new", "Bob", 0.05, cal).startswith("likely new")
 
 
+@pytest.mark.slow  # command-line subprocesses (about 25-70 s on 2 shared cores)
 def test_identify_csv_words_match_the_probabilities_and_carry_the_banner(layout, tmp_path):
     """The frozen model cannot tell these synthetic animals apart (the catalogue's own AUROC is
     below 0.5): the banner is printed once and is on every row of identify.csv."""
@@ -220,6 +224,7 @@ def test_bad_numbers_are_refused_when_parsed(args, text):
     _one_line_error(run_cli(*args), text)
 
 
+@pytest.mark.slow  # command-line subprocesses (about 25-70 s on 2 shared cores)
 def test_ema_decay_one_and_a_binary_config_are_one_line(competition, tmp_path):
     r = run_cli("train", "--data", competition, "--out", tmp_path / "run", overrides=["train.ema_decay=1"])
     _one_line_error(r, "train.ema_decay=1.0 must be in [0, 1)")
