@@ -34,7 +34,7 @@ from jaguar_kit.photos.catalogue import build_catalogue
 from jaguar_kit.photos.evaluate import evaluate_open_set, open_set_split
 from jaguar_kit.photos.identify import identify
 from jaguar_kit.photos.model import load_model
-from jaguar_kit.photos.cluster import connected_groups, pairwise_agreement
+from jaguar_kit.photos.cluster import group_photos, linkage_threshold, pairwise_agreement
 from jaguar_kit.data.synth import generate_competition
 from jaguar_kit.metrics import open_set_scores
 from jaguar_kit.photos.inputs import read_photos
@@ -74,11 +74,11 @@ def measure(source: str, photos, split, out: Path) -> dict:
     identify_s = time.perf_counter() - t
     truth = [photos[i].identity for i in q]
     f = open_set_scores(res.top_ids, res.top_scores, truth, set(cat.identities), cat.calibration.threshold)
-    # clustering the queries at the calibrated threshold
+    # clustering the queries at the catalogue's calibrated linking cut
     from jaguar_kit.photos.model import embed_photos
 
     _, emb, _ = embed_photos(model, [photos[i] for i in q], out / "queries", progress=False)
-    agree = pairwise_agreement(connected_groups(emb, cat.calibration.threshold), truth)
+    agree = pairwise_agreement(group_photos(emb, linkage_threshold(cat.embeddings, cat.identities)), truth)
     # the spread over other splits (same embeddings of all photos)
     _, all_emb, _ = embed_photos(model, photos, out / "all", progress=False)
     ids = [p.identity for p in photos]

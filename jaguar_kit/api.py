@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .photos.catalogue import Catalogue, build_catalogue, load_catalogue
-from .photos.cluster import Clustering, cluster, write_group_folders
+from .photos.cluster import Clustering, cluster
 from .photos.evaluate import evaluate_open_set
+from .photos.folders import write_group_folders
 from .photos.identify import Identification, identify
 from .photos.inputs import Photo, read_photos
 from .photos.model import Model, load_model

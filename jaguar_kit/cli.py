@@ -171,7 +171,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .photos.inputs import read_photos
     from .photos.model import load_model
 
-    photos = read_photos(args.photos, need_identity=True)
+    photos = read_photos(args.photos, need_identity=True, exclude=[args.out])
     if args.model:
         model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
     elif (Path(args.out) / NPZ).is_file():  # updating a catalogue: its own model, found by its digest
@@ -197,6 +197,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 def cmd_identify(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
     from .photos.identify import identify
+    from .photos.inputs import mark_kit_folder, read_photos
     from .photos.model import load_model
     from .photos.report import write_identify_report
 
@@ -206,7 +207,9 @@ def cmd_identify(args: argparse.Namespace) -> None:
         model = load_model(args.model, device=args.device, weights=args.weights,
                            prepared_size=cat.model.get("prepared_size"), tta=cat.model.get("tta", "none"))
     out = Path(args.out)
-    result = identify(cat, args.photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
+    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    mark_kit_folder(out)
+    result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
                       workers=args.workers)
     _print_warnings(cat.warnings)
     if cat.banner:
@@ -221,7 +224,9 @@ def cmd_identify(args: argparse.Namespace) -> None:
 
 def cmd_cluster(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
-    from .photos.cluster import cluster, write_group_folders
+    from .photos.cluster import cluster
+    from .photos.folders import write_group_folders
+    from .photos.inputs import mark_kit_folder, read_photos
     from .photos.model import load_model
     from .photos.report import write_cluster_report
 
@@ -232,8 +237,11 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                            prepared_size=cat.model.get("prepared_size") if cat else args.prepared_size,
                            tta=cat.model.get("tta", "none") if cat else "none")
     out = Path(args.out)
-    result = cluster(args.photos, model=model, catalogue=cat, threshold=args.threshold, cache_dir=out / "cache",
-                     progress=not args.quiet, workers=args.workers)
+    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    mark_kit_folder(out)
+    # with a catalogue, photos are cached in it, where identify finds them embedded already
+    result = cluster(photos, model=model, catalogue=cat, threshold=args.threshold,
+                     cache_dir=None if cat is not None else out / "cache", progress=not args.quiet, workers=args.workers)
     csv_path = result.save_csv(out / "clusters.csv")
     page = write_cluster_report(result, out / "report.html")
     if args.folders:
@@ -393,14 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("identify", help="top-k known individuals of each photo, or `new`; identify.csv and report.html")
     p.add_argument("--catalogue", required=True, help="a catalogue folder made by `jaguar-kit index`")
-    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,identity,x,y,w,h]")
+    p.add_argument("--photos", required=True,
+                   help="a folder of photos (sub-folders allowed), a CSV path[,identity,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--top-k", type=_top_k, default=5, help="candidates shown per photo (default 5)")
     _add_photo_model(p, None)
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("cluster", help="group unlabelled photos by individual; clusters.csv, report.html, folders")
-    p.add_argument("--photos", required=True, help="a folder of photos (sub-folders allowed) or a CSV path[,x,y,w,h]")
+    p.add_argument("--photos", required=True,
+                   help="a folder of photos (sub-folders allowed), a CSV path[,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--catalogue", help="attach groups to its known individuals; its calibration sets the threshold")
     p.add_argument("--threshold", type=_similarity, help="link photos at this similarity or more (default: the catalogue's)")

@@ -69,6 +69,7 @@ class ModelConfig:
     gem_p: float = 3.0  # initial GeM exponent (learnt)
     embedding_dim: int = 512  # size of the L2-normalised embedding
     grad_checkpointing: bool = logistics(False)  # recompute activations in backward: less memory, same result
+    checkpoint_blocks: int = logistics(0)  # recompute only the first N blocks (the GPU memory probe sets it)
     init_from: str = ""  # a checkpoint whose backbone starts this run (another fold/variant)
 
 

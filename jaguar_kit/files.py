@@ -95,6 +95,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """True if ``path``, with every link resolved, lies in ``root`` (or is it): a name
+    joined to a folder may not lead out of it through ``..``, a separator or a link."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

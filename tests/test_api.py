@@ -59,3 +59,26 @@ def test_readme_example_runs(competition, tmp_path):
     assert "decision" in out and "group" in out and "false_merge" in out and "auroc_known_vs_new" in out
     for name in layout.truth:
         assert name in out  # every new photo is listed
+
+
+def test_cluster_caches_in_the_catalogue_not_the_working_folder(competition, tmp_path, monkeypatch):
+    """jk.cluster after jk.identify on one catalogue embeds nothing again, and writes nothing where it runs."""
+    from photo_layouts import shared_model
+
+    layout = make_layout(competition, tmp_path / "eco")
+    cat = jaguar_kit.build_catalogue(layout.photos, shared_model(), tmp_path / "catalogue", progress=False)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    jaguar_kit.identify(cat, layout.unlabelled, model=shared_model(), progress=False)
+    cache = tmp_path / "catalogue" / "cache"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    res = jaguar_kit.cluster(layout.unlabelled, catalogue=cat, model=shared_model(), progress=False)
+    assert len(res.table) == len(layout.truth)
+    after = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert after == before  # every photo was prepared and embedded by identify already
+    assert list(work.iterdir()) == []
+    # without a catalogue: the user's cache folder, never the working folder
+    jaguar_kit.cluster(layout.unlabelled, model=shared_model(), threshold=0.9, progress=False)
+    assert list(work.iterdir()) == [] and any((tmp_path / "user-cache" / "jaguar_kit").rglob("*.npz"))

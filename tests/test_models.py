@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -124,6 +125,51 @@ def test_grad_checkpointing_keeps_outputs() -> None:
     torch.testing.assert_close(out, ref)
     out.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-swin"])
+def test_checkpointing_some_blocks_keeps_outputs_gradients_and_names(name, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = _tiny(name).train()
+    model.neck[1].eval()  # BatchNorm in eval so every pass computes the same function
+    blocks = model.checkpoint_blocks()
+    assert len(blocks) >= 2
+    names = list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads():  # the same drop-path draws on every pass
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_out, ref_grads = grads()
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.set_checkpoint_blocks(1)
+    out, got = grads()
+    assert len(calls) == 1  # the first block only
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(got, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert list(model.state_dict()) == names  # no wrapper modules: checkpoints load as before
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert calls == []  # inference never recomputes
+    # a deep copy (the EMA model) runs its own weights, not the original's
+    twin = copy.deepcopy(model)
+    fresh = _tiny(name).eval()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        fresh.load_state_dict(twin.state_dict())
+        torch.testing.assert_close(twin.eval()(x), fresh(x))
+    model.set_checkpoint_blocks(0)
+    grads()
+    assert calls == []
 
 
 def test_catalogue_names() -> None:

@@ -42,7 +42,7 @@ def test_folder_per_individual(tmp_path):
 
 def test_empty_folder_and_missing_source(tmp_path):
     (tmp_path / "Dajun").mkdir()
-    with pytest.raises(JaguarKitError, match="no JPEG or PNG photos"):
+    with pytest.raises(JaguarKitError, match="no photos found"):
         read_photos(tmp_path)
     with pytest.raises(JaguarKitError, match="nope: not found"):
         read_photos(tmp_path / "nope")

@@ -27,18 +27,23 @@ from ..errors import JaguarKitError
 MASK_THRESHOLD = 128
 
 
-# Extension -> format name; the only formats accepted (what the competition and camera
-# traps produce). Magic bytes decide the real format; a mismatch is refused.
-IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-_FORMAT_EXTENSION = {"PNG": ".png", "JPEG": ".jpg"}
+# Extension -> format name; the formats accepted: the competition's PNG, cameras' JPEG, and
+# the other photo formats every OpenCV build decodes (libtiff, libwebp, OpenJPEG are bundled
+# in opencv-python's wheels; GIF and AVIF are not in every build, HEIC and raw files in none).
+# Magic bytes decide the real format; a mismatch is refused.
+IMAGE_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
+                    ".bmp": "BMP", ".webp": "WEBP", ".jp2": "JPEG 2000"}
+_FORMAT_EXTENSION = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp",
+                     "JPEG 2000": ".jp2"}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"  # IEND chunk type + its fixed CRC
-_OTHER_MAGICS = (  # recognised only to name them in the error
+_OTHER_MAGICS = (  # formats without a closer check (GIF is recognised only to name it in the error)
     (b"GIF8", "GIF"),
     (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
 )
 _TAIL = 4096
 
@@ -66,9 +71,9 @@ def _problem(name: str, size: int, head: bytes, tail: bytes) -> tuple[str, str] 
     expected = IMAGE_EXTENSIONS.get(ext)
     if fmt is None:
         shown = " ".join(f"{b:02x}" for b in head[:8])
-        return "unknown", f"unknown image format (first bytes {shown}); expected PNG or JPEG"
+        return "unknown", f"unknown image format (first bytes {shown}); expected {', '.join(_FORMAT_EXTENSION)}"
     if fmt not in _FORMAT_EXTENSION:
-        return "unsupported", f"is a {fmt} file; only PNG and JPEG are supported: convert it to PNG"
+        return "unsupported", f"is a {fmt} file, not a format read here ({', '.join(_FORMAT_EXTENSION)}): convert it to PNG"
     if expected != fmt:
         new_name = Path(name).stem + _FORMAT_EXTENSION[fmt]
         return "mismatch", (
@@ -119,7 +124,7 @@ def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
 
 
 def decode_image(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode a PNG or JPEG into ``(rgb (H, W, 3) uint8, mask (H, W) uint8 or None)``.
+    """Decode an image (PNG, JPEG, TIFF, ...) into ``(rgb (H, W, 3) uint8, mask (H, W) uint8 or None)``.
 
     RGBA and gray+alpha give the alpha channel as the mask; RGB, grayscale and JPEG give
     no mask. 16-bit images are scaled to 8 bit. A broken file raises a one-line

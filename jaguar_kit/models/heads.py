@@ -23,19 +23,19 @@ Pooling always runs in float32: p = 3 powers of LayerNorm outputs overflow fp16.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+import re
+import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-from ..config import Pooling, check_choice
+from ..config import ModelConfig, Pooling, check_choice
 from ..errors import JaguarKitError
 from .backbones import BackboneSpec, get_backbone_spec, with_img_size
-
-if TYPE_CHECKING:
-    from ..config import ModelConfig
-    from .weights import LoadReport
+from .weights import LoadReport, create_backbone, load_backbone_weights
 
 logger = logging.getLogger("jaguar_kit")
 
@@ -168,8 +168,28 @@ class ReIDModel(nn.Module):
         return F.normalize(z.float(), dim=1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Trade compute for memory in the backbone (timm's own checkpointing)."""
+        """Trade compute for memory in every block of the backbone (timm's own checkpointing)."""
+        self.set_checkpoint_blocks(0)
         self.backbone.set_grad_checkpointing(enable)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The backbone's blocks in forward order (``blocks.N``, Swin's ``layers.N.blocks.N``,
+        EfficientNet's stages ``blocks.N``): the units :meth:`set_checkpoint_blocks` counts."""
+        return [m for name, m in self.backbone.named_modules() if _BLOCK_NAME.search(name)]
+
+    def set_checkpoint_blocks(self, n: int) -> None:
+        """Recompute the activations of the first ``n`` blocks in backward (0: none).
+
+        The earliest blocks hold the largest activations in hierarchical backbones (Swin's first
+        stage works on 16x more tokens than its third), so they go first. timm offers only
+        all-or-nothing checkpointing; this wraps each chosen block's ``forward`` on the instance
+        (no new modules, so parameter names and checkpoints stay as they are).
+        """
+        self.backbone.set_grad_checkpointing(False)
+        for i, block in enumerate(self.checkpoint_blocks()):
+            block.__dict__.pop("forward", None)  # back to the class's forward
+            if i < n:
+                block.forward = types.MethodType(_recomputed_forward, block)
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -178,7 +198,22 @@ class ReIDModel(nn.Module):
         return dict(input_size=(3, s, s), mean=tuple(self.spec.mean), std=tuple(self.spec.std))
 
 
-def build_model(cfg: "ModelConfig") -> ReIDModel:
+_BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
+
+
+def _recomputed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A block's forward under ``torch.utils.checkpoint`` while training with gradients.
+
+    Bound to the block as a method (not a closure) so that a deep copy, such as the EMA
+    model's, runs its own block and weights.
+    """
+    forward = type(block).forward.__get__(block)
+    if block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def build_model(cfg: ModelConfig) -> ReIDModel:
     """Build the model a ModelConfig describes, with its weights loaded.
 
     ``cfg.weights`` picks the backbone's starting weights (see ``weights.create_backbone``);
@@ -186,8 +221,6 @@ def build_model(cfg: "ModelConfig") -> ReIDModel:
     tensors are not taken: another fold's head has other shapes and classes).
     ``cfg.img_size`` 0 keeps the backbone's native size.
     """
-    from .weights import create_backbone, load_backbone_weights
-
     if cfg.embedding_dim <= 0:
         raise JaguarKitError(f"model.embedding_dim={cfg.embedding_dim}: must be positive")
     if cfg.img_size < 0:
@@ -201,6 +234,8 @@ def build_model(cfg: "ModelConfig") -> ReIDModel:
         logger.info("init_from %s: %s", cfg.init_from, model.init_report.summary())
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    elif cfg.checkpoint_blocks:
+        model.set_checkpoint_blocks(cfg.checkpoint_blocks)
     return model
 
 
@@ -225,8 +260,6 @@ class FrozenBackbone(nn.Module):
 
 def build_frozen_model(backbone: str, weights: str = "auto") -> FrozenBackbone:
     """The backbone ``backbone`` with its pretrained ``weights`` and native pooling, frozen."""
-    from .weights import create_backbone
-
     spec = get_backbone_spec(backbone)
     model, _ = create_backbone(spec, weights)
     frozen = FrozenBackbone(model, spec).eval()

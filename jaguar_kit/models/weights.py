@@ -33,7 +33,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -42,8 +42,6 @@ from ..errors import JaguarKitError
 from ..kaggle.env import input_roots, internet_on, walk_inputs
 from .backbones import BackboneSpec, get_backbone_spec, timm_create_kwargs
 
-if TYPE_CHECKING:
-    from .heads import ReIDModel
 
 logger = logging.getLogger("jaguar_kit")
 
@@ -298,11 +296,11 @@ def _check_complete(rep: LoadReport, what: str) -> None:
 
 
 def load_backbone_weights(
-    model: "ReIDModel",
+    model: nn.Module,
     source: str | Path | Mapping[str, Any],
     include_head: bool = False,
 ) -> LoadReport:
-    """Load a backbone (and optionally pool/neck) from a checkpoint or a foreign state dict.
+    """Load a backbone (and optionally pool/neck) into a ``ReIDModel`` from a checkpoint or a foreign state dict.
 
     ``source``: our training checkpoint (``{"model": ReIDModel.state_dict(), ...}``; other
     entries such as ``"criterion"`` are ignored), a foreign state dict (prefixes

@@ -2,12 +2,14 @@
 
 The modules follow the photos' path (each imports only those before it)::
 
+    names        one spelling per individual's name; names made safe as paths
     inputs       read folders / CSVs of photos, prepare them once, keyed by content
     model        the embedding model and the embeddings of photos
     calibration  scores per individual and the calibrated `new` decision
     catalogue    a folder of known individuals' embeddings and its calibration
     identify     top-k individuals, probabilities and a decision per photo
     cluster      groups of unlabelled photos, attached to known individuals
+    folders      a folder per group (links or copies), rewritten safely by its manifest
     report       report.html, the page a person reviews
     evaluate     open-set figures on an identity-disjoint split
 """

@@ -29,7 +29,7 @@ from .calibration import (
     hold_out_scores,
     suspected_duplicates,
 )
-from .inputs import Photo, duplicate_files, prepare_photos, read_photos, thumbnail_bytes
+from .inputs import Photo, duplicate_files, mark_kit_folder, prepare_photos, read_photos, thumbnail_bytes
 from .model import Model, embed_prepared, load_model
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class Catalogue:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``catalogue.npz`` and ``catalogue.json`` into ``folder`` atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = mark_kit_folder(folder)  # a catalogue is never read as photos
         lengths = np.array([len(t) for t in self.thumbs], np.int64)
         blob = np.frombuffer(b"".join(self.thumbs), np.uint8) if self.thumbs else np.zeros(0, np.uint8)
         header = self.header()

@@ -11,8 +11,19 @@ What :func:`read_photos` accepts:
   animals is two rows. ``identity`` may be empty for unlabelled photos.
 - a competition folder (``train.csv`` with ``filename,ground_truth``): its train images.
 
-JPEG or PNG of any size, with or without an alpha mask. Every problem is reported as one line
-naming the file, the CSV line and what is wrong.
+- a single photo (``--photos IMG_0001.JPG``): that photo, unlabelled.
+
+Photos are JPEG, PNG, TIFF, BMP, WebP or JPEG 2000 (:data:`IMAGE_EXTENSIONS`), of any size,
+with or without an alpha mask; other files in a folder are listed in one line. Every problem
+is reported as one line naming the file, the CSV line and what is wrong. Identities are
+normalised (:func:`~jaguar_kit.photos.names.normalise_name`); two spellings that become one
+name are named in a warning.
+
+A folder is walked by the one input walker's policy (:func:`jaguar_kit.kaggle.env.walk_inputs`):
+links are followed, each real folder is read once (at its shallowest path, so a link loop
+neither repeats photos nor moves them to another individual), hidden entries are skipped.
+Folders the kit wrote (catalogues, caches, outputs: :func:`mark_kit_folder`) are never read
+as photos.
 
 :func:`prepare_photos` then decodes each photo once into a small JPEG keyed by the *content*
 (a digest of the file's bytes, plus the box): a renamed or moved photo is not prepared or
@@ -40,7 +51,9 @@ from ..data.competition import load_competition
 from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, decode_image
 from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
 from ..errors import JaguarKitError
-from ..files import atomic_write_bytes, file_sha256
+from ..files import atomic_write_bytes, atomic_write_text, file_sha256
+from ..kaggle.env import walk_inputs
+from .names import few, normalise_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,9 @@ IDENTITY_COLUMNS = ("identity", "ground_truth", "individual", "id", "name")
 BOX_COLUMNS = ("x", "y", "w", "h")
 CONTENT_DIR = "by-content"
 THUMB_SIZE = 160
+KIT_MARKER = ".jaguar-kit"  # in every folder the kit writes: never read as photos
+PHOTO_DEPTH = 32  # folder levels below a photo folder that are read
+_FORMATS_TEXT = ", ".join(IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -81,33 +97,64 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def mark_kit_folder(folder: str | Path) -> Path:
+    """Mark ``folder`` (created if needed) as written by the kit, so no reader takes it for photos.
+
+    Every catalogue, cache and output folder gets the marker: an output placed inside the
+    photo folder is not read back as photos on the next run.
+    """
+    folder = Path(folder)
+    if not (folder / KIT_MARKER).is_file():
+        atomic_write_text(folder / KIT_MARKER, "Written by jaguar-kit: this folder is never read as photos.\n")
+    return folder
+
+
+def is_kit_folder(folder: str | Path) -> bool:
+    """True if the kit wrote ``folder`` (see :func:`mark_kit_folder`)."""
+    return (Path(folder) / KIT_MARKER).is_file()
+
+
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise JaguarKitError(problems[0] + more)
 
 
-def read_photos(source: str | Path, folder_labels: bool = True, need_identity: bool = False) -> list[Photo]:
-    """The photos a folder, a CSV or a competition folder lists (see the module docstring).
+def read_photos(source: str | Path, folder_labels: bool = True, need_identity: bool = False,
+                exclude: Sequence[str | Path] = ()) -> list[Photo]:
+    """The photos a folder, a CSV, a competition folder or one photo file is (see the module docstring).
 
     ``folder_labels``: a folder's first level names the individual (else every photo in it is
     unlabelled, whatever its sub-folder, e.g. camera stations). ``need_identity``: every photo
-    must have an individual (for building a catalogue).
+    must have an individual (for building a catalogue). ``exclude``: folders never read (the
+    run's output folder, also before it carries the kit's marker).
     """
     source = Path(source)
     if source.is_file():
-        photos = _read_csv(source)
+        if source.suffix.lower() == ".csv":
+            photos = _read_csv(source)
+        elif _is_image(source):
+            photos = [Photo(source, None, None, source.name, str(source))]
+        else:
+            raise JaguarKitError(f"{source}: neither a photo ({_FORMATS_TEXT}) nor a .csv with path,identity")
     elif source.is_dir():
+        if is_kit_folder(source):
+            raise JaguarKitError(f"{source}: a folder jaguar-kit wrote (a catalogue, cache or output: it holds "
+                                 f"{KIT_MARKER}), not photos; give the folder of your photos")
+        excluded = {os.path.realpath(e) for e in exclude}
+        if os.path.realpath(source) in excluded:
+            raise JaguarKitError(f"{source}: is this run's output folder; give the folder of your photos")
         if (source / "train.csv").is_file():  # a competition folder: its train images
             photos = _read_competition(source)
         else:
-            photos = _read_folder(source, folder_labels)
+            photos = _read_folder(source, folder_labels, excluded)
     else:
-        raise JaguarKitError(f"{source}: not found (expected a folder of photos or a CSV with path,identity)")
+        raise JaguarKitError(f"{source}: not found (expected a folder of photos, a CSV with path,identity, or a photo)")
     if need_identity:
         bad = [p for p in photos if p.identity is None]
         if bad:
-            where = "an empty identity" if source.is_file() else "no individual (it lies directly in the folder)"
+            where = ("no individual (it lies directly in the folder)" if source.is_dir() else
+                     "an empty identity" if source.suffix.lower() == ".csv" else "no individual (a single photo)")
             raise JaguarKitError(
                 f"{bad[0].origin}: {where}; a catalogue needs every photo's individual: put photos in a "
                 f"sub-folder named after the individual, or fill the identity column"
@@ -116,32 +163,57 @@ def read_photos(source: str | Path, folder_labels: bool = True, need_identity: b
     return photos
 
 
-def _read_folder(root: Path, folder_labels: bool) -> list[Photo]:
+def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset()) -> list[Photo]:
     photos: list[Photo] = []
-    skipped = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden: caches, .git
-        for f in sorted(filenames):
-            p = Path(dirpath) / f
-            if f.startswith("."):
+    skipped: list[str] = []  # files that are not photos
+    kit: list[str] = []  # folders the kit wrote
+    too_deep: list[str] = []
+    spellings: dict[str, set[str]] = {}
+    for folder in walk_inputs([root], PHOTO_DEPTH):
+        rel_dir = folder.path.relative_to(root)
+        if folder.depth and (is_kit_folder(folder.path) or os.path.realpath(folder.path) in excluded):
+            kit.append(rel_dir.as_posix())
+            folder.dirs.clear()
+            continue
+        if folder.depth == PHOTO_DEPTH and folder.dirs:
+            too_deep.append(rel_dir.as_posix())
+        for f in folder.files:
+            rel = rel_dir / f
+            if not _is_image(rel):
+                skipped.append(rel.as_posix())
                 continue
-            if not _is_image(p):
-                skipped += 1
-                continue
-            rel = p.relative_to(root)
-            identity = rel.parts[0] if folder_labels and len(rel.parts) > 1 else None
-            photos.append(Photo(p, identity, None, rel.as_posix(), str(p)))
-    if not photos:
-        raise JaguarKitError(f"{root}: no JPEG or PNG photos found (in it or its sub-folders)")
+            identity = None
+            if folder_labels and len(rel.parts) > 1:
+                identity = normalise_name(rel.parts[0]) or None
+                spellings.setdefault(identity, set()).add(rel.parts[0])
+            photos.append(Photo(folder.path / f, identity, None, rel.as_posix(), str(folder.path / f)))
+    if kit:
+        log.warning("%s: %d folder(s) written by jaguar-kit (catalogues, caches, outputs) are not read as photos: %s",
+                    root, len(kit), few(kit))
     if skipped:
-        log.info("%s: %d files that are not JPEG or PNG were ignored", root, skipped)
-    return photos
+        log.warning("%s: %d file(s) skipped, not a photo format read here (%s): %s", root, len(skipped),
+                    _FORMATS_TEXT, few(skipped))
+    if too_deep:
+        log.warning("%s: folders more than %d levels down are not read: below %s", root, PHOTO_DEPTH, few(too_deep))
+    if not photos:
+        raise JaguarKitError(f"{root}: no photos found in it or its sub-folders ({_FORMATS_TEXT})")
+    _warn_merged_names(spellings, root)
+    return sorted(photos, key=lambda p: p.name)
+
+
+def _warn_merged_names(spellings: dict[str, set[str]], where: Path) -> None:
+    """One line naming every identity that was spelled more than one way in the input."""
+    merged = {name: sorted(raw) for name, raw in spellings.items() if len(raw) > 1}
+    if merged:
+        listed = "; ".join(f"{name!r} from {' and '.join(map(ascii, raw))}" for name, raw in sorted(merged.items()))
+        log.warning("%s: %d individual name(s) spelled in more than one way are taken as one each (Unicode "
+                    "normalised, spaces trimmed): %s", where, len(merged), listed)
 
 
 def _read_competition(root: Path) -> list[Photo]:
     comp = load_competition(root, check_images=False)
     return [
-        Photo(Path(p), str(i), None, str(f), f"{root / 'train.csv'} ({f})")
+        Photo(Path(p), normalise_name(str(i)), None, str(f), f"{root / 'train.csv'} ({f})")
         for f, i, p in zip(comp.train["filename"], comp.train["identity"], comp.train["path"])
     ]
 
@@ -160,6 +232,7 @@ def _read_csv(path: Path) -> list[Photo]:
     header: list[str] | None = None
     photos: list[Photo] = []
     problems: list[str] = []
+    spellings: dict[str, set[str]] = {}
     try:
         for row in reader:
             line = reader.line_num
@@ -197,7 +270,7 @@ def _read_csv(path: Path) -> list[Photo]:
                 problems.append(f"{where}: {rel}: file not found (paths are relative to the CSV's folder {path.parent})")
                 continue
             if not _is_image(file):
-                problems.append(f"{where}: {rel}: not a .jpg, .jpeg or .png file")
+                problems.append(f"{where}: {rel}: not a {_FORMATS_TEXT} file")
                 continue
             box = None
             if all(box_cols):
@@ -215,7 +288,10 @@ def _read_csv(path: Path) -> list[Photo]:
                         problems.append(f"{where}: box x,y,w,h = {','.join(values)}: needs x,y >= 0 and w,h > 0")
                         continue
                     box = (x, y, w, h)
-            identity = cell(id_col) or None
+            raw = row[col[id_col]] if id_col else ""
+            identity = normalise_name(raw) or None
+            if identity:
+                spellings.setdefault(identity, set()).add(raw)
             photos.append(Photo(file, identity, box, rel, where))
     except csv.Error as e:
         raise JaguarKitError(f"{path}: line {reader.line_num}: cannot parse CSV ({e})") from e
@@ -224,6 +300,7 @@ def _read_csv(path: Path) -> list[Photo]:
     _raise_problems(problems)
     if not photos:
         raise JaguarKitError(f"{path}: no data rows")
+    _warn_merged_names(spellings, path)
     return photos
 
 
@@ -297,7 +374,7 @@ def prepare_photos(
     Problems (unreadable photos, boxes outside the photo) are all collected and raised as one
     line naming the first; the photos prepared meanwhile stay in the cache.
     """
-    out_dir = prepared_dir(cache_root, alpha_mode, margin, size) / CONTENT_DIR
+    out_dir = prepared_dir(mark_kit_folder(cache_root), alpha_mode, margin, size) / CONTENT_DIR
     digests: dict[Path, str] = {}
     keys, files, todo, seen = [], [], [], set()
     for p in tqdm(photos, desc="content keys", unit="photo", disable=not progress or len(photos) < 200, leave=False):
@@ -356,6 +433,8 @@ __all__ = [
     "cut_box",
     "duplicate_files",
     "file_digest",
+    "is_kit_folder",
+    "mark_kit_folder",
     "photo_key",
     "prepare_photos",
     "read_photos",

@@ -404,31 +404,42 @@ def _memory_probe_wanted(info: DeviceInfo) -> bool:
 
 def _fit_memory(cfg: Config, module: TrainModule, optimizer: torch.optim.Optimizer, n_classes: int,
                 info: DeviceInfo, world: int, announce: bool) -> dict[str, Any]:
-    """On CUDA, the probe step: gradient checkpointing, then a lower P, until a step fits.
+    """On CUDA, the probe step: checkpoint as few blocks as fit, then a lower P, until a step fits.
 
-    Returns the changes as ``{"model.grad_checkpointing": True, "train.p": 6}`` (kept in the
+    Returns the changes as ``{"model.checkpoint_blocks": 14, "train.p": 6}`` (kept in the
     checkpoint, so a resume applies the same plan); on CPU nothing changes.
     """
     if not _memory_probe_wanted(info):
         return {}
     tc, model = cfg.train, module.model
     size = tuple(model.data_config["input_size"][-2:])
+    total = len(model.checkpoint_blocks()) or 1  # no blocks found: all or nothing (timm's own)
 
-    def try_step(p: int, ckpt: bool) -> int | None:
-        model.set_grad_checkpointing(ckpt)
+    def use(blocks: int) -> None:
+        if blocks >= total:
+            model.set_grad_checkpointing(True)
+        else:
+            model.set_checkpoint_blocks(blocks)
+
+    def try_step(p: int, blocks: int) -> int | None:
+        use(blocks)
         return probe_step(module, optimizer, n_classes, p * tc.k, tc.k, size, info.device, info.amp_dtype)
 
-    plan: MemoryPlan = fit_batch(try_step, tc.p, tc.k, cfg.model.grad_checkpointing)
+    configured = total if cfg.model.grad_checkpointing else min(cfg.model.checkpoint_blocks, total)
+    plan: MemoryPlan = fit_batch(try_step, tc.p, tc.k, total, configured)
     if world > 1:  # every rank trains with the most careful plan any rank needed
-        agreed = torch.tensor([plan.p, -int(plan.grad_checkpointing)], device=info.device)
+        agreed = torch.tensor([plan.p, -plan.blocks], device=info.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        plan.p, plan.grad_checkpointing = int(agreed[0]), bool(-agreed[1])
-    model.set_grad_checkpointing(plan.grad_checkpointing)
+        plan.p, plan.blocks = int(agreed[0]), int(-agreed[1])
+    use(plan.blocks)
     if announce:
         print(f"memory probe: {plan.describe()}")
     changes: dict[str, Any] = {}
-    if plan.grad_checkpointing != cfg.model.grad_checkpointing:
-        changes["model.grad_checkpointing"] = plan.grad_checkpointing
+    if plan.blocks != configured:
+        if plan.grad_checkpointing:
+            changes["model.grad_checkpointing"] = True
+        else:
+            changes["model.checkpoint_blocks"] = plan.blocks
     if plan.p != tc.p:
         changes["train.p"] = plan.p
     return changes
