@@ -167,20 +167,29 @@ def _print_warnings(warnings) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .photos.catalogue import build_catalogue
+    from .photos.catalogue import NPZ, build_catalogue, catalogue_model, load_catalogue
     from .photos.inputs import read_photos
     from .photos.model import load_model
 
     photos = read_photos(args.photos, need_identity=True, exclude=[args.out])
-    model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
+    if args.model:
+        model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
+    elif (Path(args.out) / NPZ).is_file():  # updating a catalogue: its own model, found by its digest
+        model = catalogue_model(load_catalogue(args.out), device=args.device, weights=args.weights)
+    else:
+        raise JaguarKitError(f"{args.out}: a new catalogue needs --model: a checkpoint you trained (--model "
+                             "RUN/best.pt, from jaguar-kit train), or offline and without training --model "
+                             "frozen:efficientnet-lite0 (pretrained, weaker)")
+    # its warnings are shown once, as build_catalogue logs them
     cat = build_catalogue(photos, model, args.out, target_false_merge=args.target_false_merge, replace=args.replace,
                           progress=not args.quiet, workers=args.workers)
-    _print_warnings(cat.warnings)
     cal = cat.calibration
     rule = ("not calibrated" if cal is None else
             f"new individual below p={cal.probability_threshold:.3f} (score {cal.threshold:.4f}), target false-merge "
             f"rate {cal.target_false_merge:.0%}; on the catalogue {cal.estimated['false_merge']:.1%} false merges, "
             f"{cal.estimated['false_split']:.1%} known photos called new")
+    if cat.banner:
+        print(cat.banner, file=sys.stderr)
     print(f"catalogue {args.out}: {len(cat)} photos of {len(cat.individuals)} individuals "
           f"({cat.embedded_now} embedded now, the others reused); {rule}")
 
@@ -203,10 +212,14 @@ def cmd_identify(args: argparse.Namespace) -> None:
     result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
                       workers=args.workers)
     _print_warnings(cat.warnings)
+    if cat.banner:
+        print(cat.banner, file=sys.stderr)
     csv_path = result.save_csv(out / "identify.csv")
     page = write_identify_report(result, out / "report.html")
-    n_new = sum(d == "new" for d in result.decisions)
-    print(f"{len(result.decisions)} photos: {len(result.decisions) - n_new} known, {n_new} new -> {csv_path}, {page}")
+    bands = result.table["confidence"].value_counts()
+    counts = ", ".join(f"{bands[b]} {b}" for b in ("almost certainly", "probably", "possibly", "doubtful", "new",
+                                                     "uncalibrated") if b in bands)
+    print(f"{len(result.decisions)} photos ({counts}) -> {csv_path}, {page}")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -266,10 +279,40 @@ def _score_open_set(args: argparse.Namespace) -> None:
           f"wrong individual {f['wrong_individual']:.4f}")
 
 
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of candidates, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (candidates shown per photo), got {value}")
+    return value
+
+
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1 <= value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"a cosine similarity between -1 and 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"a share strictly between 0 and 1 (e.g. 0.05), got {text!r}")
+    return value
+
+
 def _add_photo_model(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--model", default=default,
-                   help="a training checkpoint (best.pt) or frozen:BACKBONE" + (f" (default {default})" if default else
-                                                                                 " (default: the catalogue's)"))
+                   help="a training checkpoint (best.pt) or frozen:BACKBONE, e.g. frozen:efficientnet-lite0 offline"
+                        + (f" (default {default})" if default else " (default: the catalogue's)"))
     p.add_argument("--weights", default="auto", help="pretrained weights for frozen:BACKBONE (auto, a folder, hf-hub:...)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=0, help="processes decoding photos")
@@ -325,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-identity", action="store_true")
     p.add_argument("--open-set", action="store_true",
                    help="also hold identities out as new individuals: top-1/top-5 known, AUROC, false-merge/split rates")
-    p.add_argument("--new-share", type=float, default=0.3, help="--open-set: share of identities held out as new")
-    p.add_argument("--target-false-merge", type=float, default=0.05, help="--open-set: the calibration's target")
+    p.add_argument("--new-share", type=_share, default=0.3, help="--open-set: share of identities held out as new")
+    p.add_argument("--target-false-merge", type=_share, default=0.05, help="--open-set: the calibration's target")
     p.add_argument("--seed", type=int, default=0, help="--open-set: which identities are held out")
     p.set_defaults(func=cmd_score)
 
@@ -358,11 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build or update a catalogue of known individuals from your photos")
     p.add_argument("--photos", required=True, help="a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]")
     p.add_argument("--out", required=True, help="the catalogue folder (updated if it exists: only new photos are embedded)")
-    p.add_argument("--target-false-merge", type=float, default=0.05,
+    p.add_argument("--target-false-merge", type=_share, default=0.05,
                    help="share of a new animal's photos allowed to be attached to a known one (default 0.05)")
     p.add_argument("--replace", action="store_true", help="drop catalogue photos that are not listed now")
     p.add_argument("--prepared-size", type=int, default=None, help="longest side of the prepared photos (default 768)")
-    _add_photo_model(p, "frozen:megadescriptor-l-384")
+    _add_photo_model(p, None)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("identify", help="top-k known individuals of each photo, or `new`; identify.csv and report.html")
@@ -370,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", required=True,
                    help="a folder of photos (sub-folders allowed), a CSV path[,identity,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_top_k, default=5, help="candidates shown per photo (default 5)")
     _add_photo_model(p, None)
     p.set_defaults(func=cmd_identify)
 
@@ -379,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of photos (sub-folders allowed), a CSV path[,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--catalogue", help="attach groups to its known individuals; its calibration sets the threshold")
-    p.add_argument("--threshold", type=float, help="link photos at this similarity or more (default: the catalogue's)")
+    p.add_argument("--threshold", type=_similarity, help="link photos at this similarity or more (default: the catalogue's)")
     p.add_argument("--folders", choices=["link", "copy"], help="also write OUT/groups/<group>/ with links or copies")
     p.add_argument("--prepared-size", type=int, default=None, help="longest side of the prepared photos (default 768)")
     _add_photo_model(p, None)

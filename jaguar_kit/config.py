@@ -233,8 +233,23 @@ def config_from_dict(d: dict[str, Any], base: Config | None = None, source: str 
                 raise JaguarKitError(
                     f"{source}: unknown key {sec_name}.{key} (known: {', '.join(types_)})"
                 )
-            setattr(section, key, _coerce(value, types_[key], f"{sec_name}.{key}", source))
+            value = _coerce(value, types_[key], f"{sec_name}.{key}", source)
+            _check_range(f"{sec_name}.{key}", value, source)
+            setattr(section, key, value)
     return cfg
+
+
+# Settings whose type admits values that make no sense, refused when parsed: (allowed?, what is allowed).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "train.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1): 0 turns weight averaging off; at 1 the averaged weights, "
+                                              "which are validated, saved and embedded, would never move"),
+}
+
+
+def _check_range(setting: str, value: Any, source: str) -> None:
+    rule = _RANGES.get(setting)
+    if rule and not rule[0](value):
+        raise JaguarKitError(f"{source}: {setting}={value!r} must be {rule[1]}")
 
 
 def load_config(path: str | Path) -> Config:
@@ -242,7 +257,11 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise JaguarKitError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise JaguarKitError(f"{path}: not a config file (JSON or YAML text); a checkpoint such as best.pt is "
+                             "passed with --checkpoint or --model, not --config") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

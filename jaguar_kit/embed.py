@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, worker_init
 from .config import Tta, check_choice
 from .errors import JaguarKitError, plain_message
-from .files import atomic_path, fault_point, file_sha256, remove_stale_temporaries
+from .files import atomic_path, fault_point, file_sha256, load_npz, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 TTA_VIEWS = {
     "none": ("none",),
@@ -125,13 +127,13 @@ def _checksum(emb: np.ndarray) -> str:
 def _load_chunk(path: Path, fingerprint: str, names: Sequence[str]) -> np.ndarray | None:
     """The chunk's embeddings if the file is complete, intact and made for exactly this input."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint or list(z["names"]) != list(names):
-                return None
-            emb = z["embeddings"]
-            checksum = str(z["checksum"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        z = load_npz(path, ("fingerprint", "names", "embeddings", "checksum"), "jaguar_kit embedding chunk")
+    except JaguarKitError as e:
+        log.warning("%s; computing it again", e)
         return None
+    if str(z["fingerprint"]) != fingerprint or list(z["names"]) != list(names):
+        return None
+    emb, checksum = z["embeddings"], str(z["checksum"])
     if emb.ndim != 2 or emb.shape[0] != len(names) or emb.dtype != np.float32 or not np.isfinite(emb).all():
         return None
     if checksum != _checksum(emb):  # rewritten by something else than this module

@@ -1,22 +1,36 @@
-"""Atomic writes: a killed process never leaves a file that later loads as valid.
+"""Files the kit writes and reads back: atomic writes, one writer per folder, safe ``.npz`` reads.
 
 Every artifact is written to a temporary file in the same folder, flushed to disk and
 moved into place with ``os.replace`` (atomic on POSIX). A crash leaves at most a
-``*.tmp-*`` file, which no reader ever opens.
+``*.tmp-*`` file, which no reader ever opens. A folder that one command updates as a unit
+(a training run, a catalogue) is written by one process at a time (:class:`RunLock`), and
+every ``.npz`` is read through :func:`load_npz`, which turns damage into one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
+import logging
 import os
 import signal
 import tempfile
+import tokenize
+import zipfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 from .errors import JaguarKitError
+from .kaggle.env import advice
+
+log = logging.getLogger(__name__)
+LOCK = ".lock"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -144,3 +158,94 @@ def fault_point(name: str) -> None:
 
 
 _fault_counts: dict[str, int] = {}
+
+
+class RunLock:
+    """One writer per folder: an exclusive ``flock`` on ``FOLDER/.lock``, removed at exit.
+
+    The kernel drops the lock when the process dies, however it dies, so a killed writer
+    never blocks the next one. A second writer stops with the holder's process id, or with
+    ``wait`` waits for it (saying so once). ``purpose`` names the writers in the message.
+    """
+
+    def __init__(self, folder: str | Path, purpose: str = "another training run writes this folder",
+                 wait: bool = False) -> None:
+        self.path = Path(folder) / LOCK
+        self.purpose = purpose
+        self.wait = wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JaguarKitError(f"{self.path.parent}: cannot create the folder ({e.strerror})") from e
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise JaguarKitError(f"{self.path.parent}: cannot write the folder ({e.strerror})") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                if not self.wait:
+                    os.close(fd)
+                    raise JaguarKitError(f"{self.path.parent}: in use by process {holder} ({self.purpose}); "
+                                         + advice("wait for it to finish or use another --out",
+                                                  "wait for it to finish")) from None
+                log.warning("%s: in use by process %s (%s); waiting for it to finish", self.path.parent, holder,
+                            self.purpose)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            try:  # the holder we waited for may have removed the file: lock the one on disk
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before closing: no one can lock it in between
+            os.close(self._fd)
+            self._fd = None
+
+
+# What a damaged .npz raises while it is read: a truncated zip (BadZipFile, EOFError), a
+# flipped bit in a compressed member (zlib.error) or in a CRC (BadZipFile), a broken array
+# header (ValueError, SyntaxError, tokenize.TokenError), a flipped compression-method field
+# (NotImplementedError), a missing array (KeyError).
+NPZ_DAMAGE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, SyntaxError,
+              tokenize.TokenError, NotImplementedError)
+
+
+def load_npz(path: str | Path, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` at ``path``, all read now (no pickles).
+
+    The one reader of every ``.npz`` the kit writes: a missing file, damage or a missing
+    array is a one-line :class:`JaguarKitError` naming the file and ``what`` it should be
+    (caches catch it and recompute).
+    """
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("not an .npz archive")
+        with z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise KeyError(f"no {missing[0]!r} array")
+            return {k: z[k] for k in keys}
+    except FileNotFoundError:
+        raise JaguarKitError(f"{path}: {what} not found") from None
+    except NPZ_DAMAGE as e:
+        why = (str(e).splitlines() or [""])[0].strip("'\"")[:160]
+        raise JaguarKitError(f"{path}: damaged or not a {what} ({type(e).__name__}{': ' + why if why else ''})") from e

@@ -46,9 +46,9 @@ matcher must load weights attached as an input (this module never fetches anythi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -59,7 +59,9 @@ from tqdm.auto import tqdm
 
 from .embed import chunk_fingerprint
 from .errors import JaguarKitError
-from .files import atomic_path, fault_point, file_sha256, remove_stale_temporaries
+from .files import atomic_path, fault_point, file_sha256, load_npz, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 1  # bump when extraction changes: cached features are then recomputed
 MAX_SCALE = 4.0  # largest accepted scale change between two views of one flank
@@ -235,12 +237,14 @@ def _save_chunk(path: Path, feats: list[ImageFeatures], names: list[str], finger
 def _load_chunk(path: Path, fingerprint: str, names: list[str]) -> list[ImageFeatures] | None:
     """The chunk's features if the file is complete and made for exactly these images."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint or list(z["names"]) != names:
-                return None
-            counts, shapes, points, desc = z["counts"], z["shapes"], z["points"], z["descriptors"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        z = load_npz(path, ("fingerprint", "names", "counts", "shapes", "points", "descriptors"),
+                     "jaguar_kit local-feature chunk")
+    except JaguarKitError as e:
+        log.warning("%s; computing it again", e)
         return None
+    if str(z["fingerprint"]) != fingerprint or list(z["names"]) != names:
+        return None
+    counts, shapes, points, desc = z["counts"], z["shapes"], z["points"], z["descriptors"]
     if len(counts) != len(names) or counts.sum() != len(points) or len(points) != len(desc):
         return None
     if not np.isfinite(points).all() or not np.isfinite(desc).all():

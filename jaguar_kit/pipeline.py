@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,7 @@ import numpy as np
 
 from .config import Config, RetrievalConfig
 from .errors import JaguarKitError
-from .files import atomic_path
+from .files import atomic_path, load_npz
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +39,8 @@ class Embeddings:
     @classmethod
     def load(cls, path: str | Path) -> "Embeddings":
         """Read and check an embeddings file: one finite row per unique name."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                names, vectors, model = [str(n) for n in z["names"]], z["vectors"], str(z["model"])
-        except FileNotFoundError:
-            raise JaguarKitError(f"{path}: embeddings file not found") from None
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise JaguarKitError(f"{path}: not a jaguar_kit embeddings file ({why})") from e
+        z = load_npz(path, ("names", "vectors", "model"), "jaguar_kit embeddings file")
+        names, vectors, model = [str(n) for n in z["names"]], z["vectors"], str(z["model"])
         if vectors.ndim != 2 or vectors.shape[0] != len(names):
             raise JaguarKitError(f"{path}: {len(names)} names but vectors of shape {vectors.shape}")
         if len(set(names)) != len(names):

@@ -14,6 +14,12 @@ exceed at the target false-merge rate (default 5%: the share of photos of an uns
 that would be attached to a known one). A logistic fit of score -> "this candidate is the
 right individual" over each photo's top candidates (known and new cases weighted equally)
 turns scores into probabilities; the threshold is stored as both a score and a probability.
+Individuals that may be one animal under two names are found before, on similarities
+(:func:`suspected_duplicates`), and kept out of the fit.
+
+**Words** (:func:`decision_words`): a decision is said in the band of its probability
+(:data:`BANDS`), and :func:`calibration_banner` says when the catalogue's own calibration
+shows that the model cannot tell its individuals apart.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import numpy as np
 import pandas as pd
 
 from ..errors import JaguarKitError
+from ..metrics import auroc
 
 DEFAULT_TARGET_FMR = 0.05
 FIT_TOP_K = 5  # candidates per photo used to fit the probabilities (what a person is shown)
 MIN_IDENTITIES = 3  # to calibrate: at least this many individuals, some with 2+ photos
+MIN_AUROC = 0.7  # below: the model does not separate the catalogue's individuals (calibration_banner)
 
 
 def individual_scores(sim: np.ndarray, codes: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,13 +114,14 @@ class Calibration:
     target_false_merge: float
     estimated: dict = field(default_factory=dict)  # rates on the catalogue itself (leave-one-identity-out)
     method: str = "leave-one-identity-out"
+    excluded: list = field(default_factory=list)  # individuals kept out of the fit (suspected duplicates)
 
     def probability(self, scores) -> np.ndarray:
         return _sigmoid(self.a * np.asarray(scores, np.float64) + self.b)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("threshold", "probability_threshold", "a", "b", "target_false_merge",
-                                              "estimated", "method")}
+                                              "estimated", "method", "excluded")}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Calibration | None:
@@ -182,30 +191,148 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
         "false_merge": float(np.mean(h.new_top >= t)),
         "false_split": float(np.mean(top_known_score < t)),
         "wrong_individual": float(np.mean((top_known_score >= t) & ~right)),
+        "auroc_known_vs_new": auroc(h.own[known], h.new_top),
         "top1_known": float(np.mean(right)),
         "photos": len(codes),
         "known_photos": int(known.sum()),
         "individuals": int(n_ids),
     }
-    cal = Calibration(float(t), float(_sigmoid(a * t + b)), a, b, float(target_false_merge), estimated)
-    return cal
+    return Calibration(float(t), float(_sigmoid(a * t + b)), a, b, float(target_false_merge), estimated)
 
 
-def duplicate_identity_pairs(identities: Sequence[str], hold: HoldOut, threshold: float,
-                             min_share: float = 0.5) -> list[tuple[str, str, int, int]]:
-    """Pairs ``(A, B, photos of A attached to B, photos of A)`` where, with A held out, at least
-    ``min_share`` of A's photos would be attached to B: possibly one animal under two names."""
+# --- what a decision may say ----------------------------------------------------------------------
+
+# Bands of the top candidate's calibrated probability (P that it is the right individual), for a
+# photo at or above the threshold; below it the photo is "new". The words say no more than the
+# number: "almost certainly" only where fewer than 1 in 20 such calls are wrong, and a call that
+# is more likely wrong than right (a catalogue whose threshold sits below p = 0.5) is "doubtful".
+BANDS = ((0.95, "almost certainly"), (0.80, "probably"), (0.50, "possibly"), (0.0, "doubtful"))
+
+
+def decision_band(decision: str, probability: float, cal: Calibration | None) -> str:
+    """``almost certainly``, ``probably``, ``possibly``, ``doubtful``, ``new`` or ``uncalibrated``."""
+    if cal is None:
+        return "uncalibrated"
+    if decision == "new":
+        return "new"
+    return next(word for floor, word in BANDS if probability >= floor)
+
+
+def decision_words(decision: str, best: str, probability: float, cal: Calibration | None) -> str:
+    """The decision in plain words, tied to its probability: what the terminal, the CSV and the page say."""
+    band = decision_band(decision, probability, cal)
+    if band == "uncalibrated":
+        return f"closest: {best} (uncalibrated catalogue, too few individuals: no probability)"
+    if band == "new":
+        return f"likely new: not in the catalogue (closest {best}, p={probability:.2f})"
+    if band == "doubtful":
+        return f"doubtful: {best} passes the threshold, but p={probability:.2f} means more likely not {best}"
+    return f"{band} {best} (p={probability:.2f})" + ("" if band in ("almost certainly", "probably") else ": check")
+
+
+# Separability: when the catalogue's own leave-one-identity-out calibration shows that the model
+# does not tell these individuals apart, every decision is close to a guess. The rule (any one):
+# flat probabilities (the fit found no signal, a <= 0); half or more of the known photos called
+# new at the threshold; known-vs-new AUROC below 0.7 (a known photo's score against its own
+# individual beats a new one's best score in fewer than 7 of 10 pairs).
+MAX_FALSE_SPLIT = 0.5
+
+
+def calibration_banner(cal: Calibration | None) -> str | None:
+    """One line to show above every result when the model cannot separate this catalogue's individuals."""
+    if cal is None:
+        return None
+    e = cal.estimated
+    why = []
+    if cal.a <= 0:
+        why.append("flat probabilities: its scores carry no signal about the individual")
+    if e.get("false_split", 0) >= MAX_FALSE_SPLIT:
+        why.append(f"{e['false_split']:.0%} of its own known photos are called new")
+    if e.get("auroc_known_vs_new", 1) < MIN_AUROC:
+        why.append(f"known-vs-new AUROC {e['auroc_known_vs_new']:.2f} (below {MIN_AUROC})")
+    if not why:
+        return None
+    return ("CAUTION: on this catalogue's own photos the model cannot tell its individuals apart (" + "; ".join(why)
+            + "): every decision below is close to a guess; check each photo by eye, and use a model fine-tuned on "
+            "your animals (jaguar-kit train)")
+
+
+@dataclass
+class SuspectedDuplicate:
+    """Two names that may be one animal (see :func:`suspected_duplicates`)."""
+
+    name: str
+    other: str
+    hits: int  # photos of ``name`` whose best match, with ``name`` held out, is ``other``
+    photos: int  # photos of ``name`` (with a best match among the others)
+    similarity: float  # median similarity of those best matches
+    same_typical: float  # the catalogue's typical same-individual similarity it was compared with
+    excluded: str = ""  # the one of the two kept out of the calibration until resolved
+
+    def message(self) -> str:
+        return (f"{self.name} and {self.other} may be the same animal: with {self.name} left out, {self.hits} of its "
+                f"{self.photos} photos match {self.other} best, at similarity {self.similarity:.3f} (a typical "
+                f"same-individual match in this catalogue: {self.same_typical:.3f}); {self.excluded} is kept out "
+                f"of the calibration until you compare them and merge the names, or tell them apart")
+
+
+DUPLICATE_SHARE = 0.5  # most of A's photos go to B ...
+SAME_QUANTILE = 0.5  # ... at a similarity that a typical (median) same-individual best match reaches
+DIFFERENT_QUANTILE = 0.9  # ... and 9 in 10 different-individual best matches do not
+NEAR_IDENTICAL = 0.99  # or the same pictures (re-saved, resized): a duplicate with any model
+
+
+def suspected_duplicates(identities: Sequence[str], hold: HoldOut) -> list[SuspectedDuplicate]:
+    """Names that may be one animal, found on similarities alone (before any threshold exists).
+
+    Rule: with individual A held out, at least half of A's photos have the same individual B
+    as their best match, and the median similarity of those matches reaches both
+    - the median of the catalogue's same-individual best matches (each photo's best match
+      among the other photos of its own individual): as high as typical same-animal
+      similarity, and
+    - the 90th percentile of its different-individual best matches (each photo's best match
+      among the other individuals): higher than nine in ten pairs of different animals,
+    both measured on the individuals other than A and B, where same-individual best matches
+    beat different-individual ones with an AUROC of at least ``MIN_AUROC``. Two names of one
+    animal look exactly like that; two animals rarely do. A model that does not separate the
+    individuals (AUROC below that) cannot tell a duplicate from similarities: none is
+    suspected then (the calibration banner says why), except near-identical pictures (median
+    similarity ``NEAR_IDENTICAL`` or more: the same photos under two names). A
+    threshold fitted with the duplicate inside could not reveal it (its photos, counted as
+    "new" while matching a known name, push the threshold up until they are not merged).
+    Each pair is reported once; of the two, the name with fewer photos (on a tie, the later
+    name) is kept out of the calibration, and a name already kept out is not paired again.
+    """
     codes, uniques = pd.factorize(pd.Series(list(identities), dtype=object))
-    merged = hold.new_top >= threshold
-    out = []
-    for a in range(len(uniques)):
-        mine = codes == a
-        n = int(mine.sum())
-        hits = np.bincount(hold.new_arg[mine & merged], minlength=len(uniques))
-        if not hits.any():
+    n_ids = len(uniques)
+    counts = np.bincount(codes, minlength=n_ids)
+    found = []
+    for a in range(n_ids):
+        mine = np.flatnonzero((codes == a) & np.isfinite(hold.new_top))
+        if not len(mine):
             continue
+        hits = np.bincount(hold.new_arg[mine], minlength=n_ids)
         b = int(hits.argmax())
-        if hits[b] >= max(1, int(np.ceil(min_share * n))) and (n >= 2 or hits[b] >= 1):
-            out.append((str(uniques[a]), str(uniques[b]), int(hits[b]), n))
+        if hits[b] < max(1, int(np.ceil(DUPLICATE_SHARE * len(mine)))):
+            continue
+        rest = (codes != a) & (codes != b)
+        same, different = hold.own[rest & np.isfinite(hold.own)], hold.new_top[rest & np.isfinite(hold.new_top)]
+        sim = float(np.median(hold.new_top[mine][hold.new_arg[mine] == b]))
+        typical = float(np.quantile(same, SAME_QUANTILE)) if len(same) else float("nan")
+        known_typical = len(same) >= 3 and len(different) >= 3 and auroc(same, different) >= MIN_AUROC
+        if sim >= NEAR_IDENTICAL or (known_typical and sim >= typical
+                                     and sim >= np.quantile(different, DIFFERENT_QUANTILE)):
+            found.append(SuspectedDuplicate(str(uniques[a]), str(uniques[b]), int(hits[b]), len(mine), sim, typical))
+    out: list[SuspectedDuplicate] = []
+    reported: set[frozenset] = set()
+    excluded: set[str] = set()
+    for d in sorted(found, key=lambda d: (-d.similarity, d.name)):
+        pair = frozenset((d.name, d.other))
+        if pair in reported or pair & excluded:
+            continue
+        # of the two, keep out the name with fewer photos (on a tie, the later name)
+        d.excluded = max(pair, key=lambda n: (-int(counts[uniques.get_loc(n)]), n))
+        reported.add(pair)
+        excluded.add(d.excluded)
+        out.append(d)
     return out
-

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,17 @@ import numpy as np
 import pandas as pd
 
 from ..errors import JaguarKitError
-from ..files import atomic_path, atomic_write_text
-from .calibration import DEFAULT_TARGET_FMR, Calibration, calibrate, duplicate_identity_pairs, hold_out_scores
+from ..files import RunLock, atomic_path, atomic_write_text, file_sha256, load_npz
+from .calibration import (
+    DEFAULT_TARGET_FMR,
+    Calibration,
+    calibrate,
+    calibration_banner,
+    hold_out_scores,
+    suspected_duplicates,
+)
 from .inputs import Photo, duplicate_files, mark_kit_folder, prepare_photos, read_photos, thumbnail_bytes
-from .model import Model, embed_prepared
+from .model import Model, embed_prepared, load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,11 @@ class Catalogue:
     @property
     def individuals(self) -> list[str]:
         return sorted(set(self.identities))
+
+    @property
+    def banner(self) -> str | None:
+        """One line when the catalogue's own calibration shows the model cannot separate its individuals."""
+        return calibration_banner(self.calibration)
 
     def codes(self) -> tuple[np.ndarray, list[str]]:
         codes, uniques = pd.factorize(pd.Series(self.identities, dtype=object))
@@ -99,19 +110,21 @@ class Catalogue:
         path = folder / NPZ if folder.is_dir() else folder
         if not path.is_file():
             raise JaguarKitError(f"{folder}: no catalogue here (make one with: jaguar-kit index --photos DIR --out {folder})")
+        z = load_npz(path, ("header", "thumb_lengths", "thumbs", "keys", "identities", "names", "paths", "boxes",
+                            "embeddings"), "readable jaguar_kit catalogue")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(str(z["header"]))
-                lengths = z["thumb_lengths"]
-                blob = z["thumbs"].tobytes()
-                ends = np.cumsum(lengths)
-                thumbs = [blob[e - n:e] for n, e in zip(lengths, ends)]
-                cat = cls(list(map(str, z["keys"])), list(map(str, z["identities"])), list(map(str, z["names"])),
-                          list(map(str, z["paths"])), z["boxes"], z["embeddings"], thumbs, header["model"],
-                          Calibration.from_dict(header.get("calibration")), list(header.get("warnings", [])),
-                          path.parent)
-        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
-            raise JaguarKitError(f"{path}: not a readable jaguar_kit catalogue ({type(e).__name__}: {e})") from e
+            header = json.loads(str(z["header"]))
+            lengths = z["thumb_lengths"]
+            blob = z["thumbs"].tobytes()
+            ends = np.cumsum(lengths)
+            thumbs = [blob[e - n:e] for n, e in zip(lengths, ends)]
+            cat = cls(list(map(str, z["keys"])), list(map(str, z["identities"])), list(map(str, z["names"])),
+                      list(map(str, z["paths"])), z["boxes"], z["embeddings"], thumbs, header["model"],
+                      Calibration.from_dict(header.get("calibration")), list(header.get("warnings", [])),
+                      path.parent)
+        except (KeyError, ValueError, TypeError) as e:
+            raise JaguarKitError(f"{path}: damaged or not a readable jaguar_kit catalogue (header: {type(e).__name__}: "
+                                 f"{e})") from e
         if header.get("format") != FORMAT_VERSION:
             raise JaguarKitError(f"{path}: catalogue format {header.get('format')}, this jaguar_kit reads {FORMAT_VERSION}")
         n = len(cat.keys)
@@ -146,14 +159,28 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
     relabelled photo takes its new individual), the others stay (``replace`` drops them), and
     only photos whose content is not in it yet are embedded. The model must be the one the
     catalogue was made with. The calibration is refitted on the result.
+
+    One writer at a time: the whole update holds the folder's lock (a second ``index`` waits
+    for the first), and the catalogue is read under it, so concurrent runs add to each other
+    instead of one overwriting the other; a killed run leaves the previous catalogue whole.
     """
+    check_target(target_false_merge)
     if not isinstance(photos, (list, tuple)):
         photos = read_photos(photos, need_identity=True)
     missing = [p for p in photos if p.identity is None]
     if missing:
         raise JaguarKitError(f"{missing[0].origin}: no individual given; a catalogue needs every photo's individual")
     folder = Path(folder)
-    old = Catalogue.load(folder) if (folder / NPZ).is_file() else None
+    with RunLock(folder, purpose="another `index` updates this catalogue", wait=True):
+        cat = _build(photos, model, folder, target_false_merge, replace, progress, workers)
+    for w in cat.warnings:  # the one place they are shown (the command line does not print them again)
+        log.warning("warning: %s", w)
+    return cat
+
+
+def _build(photos: Sequence[Photo], model: Model, folder: Path, target_false_merge: float, replace: bool,
+           progress: bool, workers: int) -> Catalogue:
+    old = Catalogue.load(folder) if (folder / NPZ).is_file() else None  # read under the lock: the latest
     if old is not None:
         old.check_model(model)
     cache = folder / "cache"
@@ -164,9 +191,8 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
     entries: dict[tuple[str, str], int] = {}
     for i, (p, k) in enumerate(zip(photos, keys)):
         entries.setdefault((k, p.identity), i)
-    listed = [i for i in entries.values()]
-    todo = [i for i in listed if keys[i] not in known]
-    todo_unique = list({keys[i]: i for i in todo}.values())
+    listed = list(entries.values())
+    todo_unique = list({keys[i]: i for i in listed if keys[i] not in known}.values())
     new_emb = {}
     if todo_unique:
         k2 = [keys[i] for i in todo_unique]
@@ -187,7 +213,6 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
     rows_boxes = [_box_array([photos[i]])[0] for i in listed]
     rows_emb = [vector(i) for i in listed]
     rows_thumbs = [thumbs_new.get(keys[i]) or old.thumbs[known[keys[i]]] for i in listed]
-    warnings: list[str] = []
     if old is not None:
         relisted = set(rows_keys)
         relabelled = sorted({(old.names[j], old.identities[j]) for j, k in enumerate(old.keys)
@@ -204,32 +229,103 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
                     rows_boxes.append(old.boxes[j])
                     rows_emb.append(old.embeddings[j])
                     rows_thumbs.append(old.thumbs[j])
-    for k, ids, names in duplicate_files(photos, keys):
-        warnings.append(f"the same photo is listed under {len(ids)} individuals ({', '.join(ids)}): {', '.join(names[:3])}")
     emb = np.stack(rows_emb).astype(np.float32)
-    model_info = {"source": model.source, **model.fingerprint}
     cat = Catalogue(rows_keys, rows_ids, rows_names, rows_paths, np.array(rows_boxes, np.int64).reshape(-1, 4), emb,
-                    rows_thumbs, model_info)
-    try:
-        codes, uniques = cat.codes()
-        hold = hold_out_scores(emb, codes, len(uniques))
-        cat.calibration = calibrate(emb, cat.identities, target_false_merge, hold)
-        if cat.calibration.a <= 0:
-            warnings.append("this model's scores do not separate the right individual from the others on this "
-                            "catalogue: probabilities are flat and decisions unreliable; use a fine-tuned model")
-        for a, b, hits, n in duplicate_identity_pairs(cat.identities, hold, cat.calibration.threshold):
-            warnings.append(f"{a} and {b} may be the same animal: with {a} left out, {hits} of its {n} photos "
-                            f"match {b} above the threshold; compare them and merge the names if so")
-    except JaguarKitError as e:
-        warnings.append(f"not calibrated: {e}")
-    cat.warnings = warnings
-    for w in warnings:
-        log.warning(w)
+                    rows_thumbs, model_record(model))
+    cat.warnings = _same_file_warnings(photos, keys)
+    cat.calibration, more = calibrate_catalogue(cat, target_false_merge)
+    cat.warnings += more
     cat.save(folder)
     cat.embedded_now = len(todo_unique)
     return cat
 
 
+def check_target(target_false_merge: float) -> float:
+    """The target false-merge rate, refused unless strictly between 0 and 1 (a share of photos)."""
+    if not (isinstance(target_false_merge, (int, float)) and 0 < target_false_merge < 1):
+        raise JaguarKitError(f"target false-merge rate must be between 0 and 1 (a share, e.g. 0.05), "
+                             f"got {target_false_merge}")
+    return float(target_false_merge)
+
+
+def _same_file_warnings(photos: Sequence[Photo], keys: Sequence[str]) -> list[str]:
+    """One warning per set of individuals that share photo files (not one per file)."""
+    by_ids: dict[tuple[str, ...], list[str]] = {}
+    for _, ids, names in duplicate_files(photos, keys):
+        by_ids.setdefault(tuple(ids), []).append(names[0])
+    return [f"the same photo is listed under {len(ids)} individuals ({', '.join(ids)}): "
+            f"{len(names)} file{'s' if len(names) > 1 else ''}, e.g. {', '.join(names[:3])}"
+            for ids, names in by_ids.items()]
+
+
+def calibrate_catalogue(cat: Catalogue, target_false_merge: float) -> tuple[Calibration | None, list[str]]:
+    """The catalogue's calibration and its warnings.
+
+    Suspected duplicate individuals are found first, on similarities (see
+    :func:`~.calibration.suspected_duplicates`), reported, and kept out of the fit: inside it,
+    their photos would count as "new" while matching a known name, and push the threshold up
+    until most known photos are called new.
+    """
+    codes, uniques = cat.codes()
+    hold = hold_out_scores(cat.embeddings, codes, len(uniques))
+    dups = suspected_duplicates(cat.identities, hold)
+    warnings = [d.message() for d in dups]
+    excluded = sorted({d.excluded for d in dups})
+    keep = ~np.isin(np.array(cat.identities, dtype=object), excluded)
+    try:
+        if excluded:
+            cal = calibrate(cat.embeddings[keep], [i for i, k in zip(cat.identities, keep) if k], target_false_merge)
+        else:
+            cal = calibrate(cat.embeddings, cat.identities, target_false_merge, hold)
+    except JaguarKitError as e:
+        return None, warnings + [f"not calibrated: {e}"]
+    cal.excluded = excluded
+    return cal, warnings
+
+
+def model_record(model: Model) -> dict:
+    """What a catalogue records of its model: the source (a checkpoint as an absolute path, with
+    the file's SHA-256, so it is found again when moved) and the fingerprint."""
+    record = {"source": model.source, **model.fingerprint}
+    if not model.source.startswith("frozen:"):
+        path = Path(model.source).resolve()
+        record.update(source=str(path), file_sha256=file_sha256(path))
+    return record
+
+
+def find_model_file(cat: Catalogue) -> str:
+    """The catalogue's model: ``frozen:...`` as recorded, or its checkpoint, verified by digest.
+
+    Looks at the recorded path, then for a file of the same name in the catalogue folder, the
+    folder that holds it, and the current folder (a moved catalogue or checkpoint); the file
+    must have the recorded SHA-256 (catalogues made before it was recorded: checked by weights
+    when loaded).
+    """
+    source = str(cat.model.get("source", ""))
+    if source.startswith("frozen:"):
+        return source
+    recorded = Path(source)
+    want = cat.model.get("file_sha256")
+    places = [recorded] + [d / recorded.name for d in ([cat.folder, cat.folder.parent] if cat.folder else []) + [Path.cwd()]]
+    changed = None
+    for path in dict.fromkeys(places):
+        if not path.is_file():
+            continue
+        if want is None or file_sha256(path) == want:
+            return str(path)
+        changed = changed or path
+    where = f"{recorded}, beside the catalogue or in the current folder"
+    if changed is not None:
+        raise JaguarKitError(f"{cat.folder or 'catalogue'}: its model {recorded.name} was not found with its digest "
+                             f"({changed} is another file of that name); pass the checkpoint it was made with: --model PATH")
+    raise JaguarKitError(f"{cat.folder or 'catalogue'}: its model {recorded.name} is not at {where}; pass it: --model PATH")
+
+
+def catalogue_model(cat: Catalogue, device: str = "auto", weights: str = "auto") -> Model:
+    """Load the model a catalogue was made with (found by :func:`find_model_file`), with its preprocessing."""
+    return load_model(find_model_file(cat), device=device, weights=weights, prepared_size=cat.model["prepared_size"],
+                      tta=cat.model["tta"])
+
+
 def load_catalogue(folder: str | Path) -> Catalogue:
     return Catalogue.load(folder)
-

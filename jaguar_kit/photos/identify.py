@@ -1,4 +1,13 @@
-"""Identify photos against a catalogue: top-k individuals, probabilities, known or `new`."""
+"""Identify photos against a catalogue: top-k individuals, probabilities, known or `new`.
+
+``identify.csv`` has a row per photo: the decision (an individual or ``new``), its
+``confidence`` band (``almost certainly``, ``probably``, ``possibly``, ``doubtful``, ``new``:
+:data:`~.calibration.BANDS`), the top-k candidates with scores and probabilities, ``check``
+(the decision in plain words and what to look at) and ``caution``: the catalogue's
+:func:`~.calibration.calibration_banner` on every row when its own calibration shows that the
+model cannot tell its individuals apart (empty otherwise; a column rather than a first line,
+so the file stays a plain table).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +20,10 @@ import pandas as pd
 
 from ..errors import JaguarKitError
 from ..files import atomic_path
-from .calibration import Calibration, individual_scores
-from .catalogue import Catalogue
+from .calibration import Calibration, calibration_banner, decision_band, decision_words, individual_scores
+from .catalogue import Catalogue, catalogue_model
 from .inputs import Photo, read_photos
-from .model import Model, embed_photos, load_model
+from .model import Model, embed_photos
 
 
 @dataclass
@@ -32,6 +41,11 @@ class Identification:
     decisions: list[str]
     catalogue: Catalogue
 
+    @property
+    def banner(self) -> str | None:
+        """The catalogue's calibration banner (:func:`~.calibration.calibration_banner`), if any."""
+        return calibration_banner(self.catalogue.calibration)
+
     def save_csv(self, path: str | Path) -> Path:
         with atomic_path(path) as tmp:
             self.table.to_csv(tmp, index=False)
@@ -39,25 +53,49 @@ class Identification:
 
 
 def what_to_check(decision: str, ids, scores, probs, cal: Calibration | None, same_file: str | None) -> str:
-    """A short instruction for the person reviewing one photo."""
+    """The decision in plain words (:func:`~.calibration.decision_words`) and what the reviewer should do."""
     if same_file:
         return f"Same file as catalogue photo {same_file} ({ids[0] if decision != 'new' else 'listed there'})."
-    if cal is None:
-        return f"Uncalibrated catalogue (too few individuals): compare with {ids[0]} by eye."
-    if decision == "new":
-        return (f"Likely a new individual: no candidate reaches p={cal.probability_threshold:.2f}. Compare the coat "
-                f"pattern with {ids[0]} (p={probs[0]:.2f}); if it is not, give it a new name and add it to the catalogue.")
+    words = decision_words(decision, ids[0], probs[0], cal)
+    words = words[0].upper() + words[1:]
+    band = decision_band(decision, probs[0], cal)
+    if band == "uncalibrated":
+        return f"{words}: compare with {ids[0]} by eye."
+    if band == "new":
+        return (f"{words}. Compare the coat pattern with {ids[0]}; if it is not, give it a new name and add it "
+                f"to the catalogue.")
     if len(ids) > 1 and scores[1] >= cal.threshold:
-        return (f"{ids[1]} also passes the threshold (p={probs[1]:.2f}): compare both on the same flank; "
+        return (f"{words}; {ids[1]} also passes the threshold (p={probs[1]:.2f}): compare both on the same flank; "
                 f"if they are one animal, merge their names.")
-    # within a tenth of the way from the threshold to a perfect score: worth a closer look
-    if scores[0] < cal.threshold + 0.1 * (1 - cal.threshold):
-        return f"Close to the threshold: confirm against {ids[0]}'s photos on the same flank."
-    return f"Strong match with {ids[0]}: a glance at the same flank is enough."
+    if band == "almost certainly":
+        return f"{words}: a glance at the same flank is enough."
+    if band == "probably":
+        return f"{words}: confirm against {ids[0]}'s photos on the same flank."
+    if band == "possibly":
+        return f"{words} against {ids[0]}'s photos on the same flank."
+    return f"{words}: compare with {ids[0]}'s photos on the same flank, and call it new unless the coat matches."
+
+
+def as_photos(photos: Sequence[Photo | str | Path] | str | Path) -> list[Photo]:
+    """Photos from :class:`Photo` objects or image paths (a list may mix them), or from a folder or a CSV."""
+    if isinstance(photos, (str, Path)):
+        return read_photos(photos, folder_labels=False)
+    out = []
+    for p in photos:
+        if isinstance(p, Photo):
+            out.append(p)
+        elif isinstance(p, (str, Path)):
+            if not Path(p).is_file():
+                raise JaguarKitError(f"{p}: photo not found")
+            out.append(Photo(Path(p), name=str(p)))
+        else:
+            raise JaguarKitError(f"photos: expected Photo objects or image paths, got {type(p).__name__} ({p!r})")
+    return out
 
 
 def identify_embeddings(catalogue: Catalogue, embeddings: np.ndarray, top_k: int = 5):
     """Top-k individuals, scores, probabilities, best catalogue photos and decisions for embeddings."""
+    check_top_k(top_k)
     codes, uniques = catalogue.codes()
     if embeddings.shape[1] != catalogue.embeddings.shape[1]:
         raise JaguarKitError(f"embedding size {embeddings.shape[1]} differs from the catalogue's "
@@ -79,20 +117,29 @@ def identify_embeddings(catalogue: Catalogue, embeddings: np.ndarray, top_k: int
     return top_ids, top_scores, top_probs, top_photo, decisions
 
 
-def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo] | str | Path, model: Model | None = None,
+def check_top_k(top_k: int) -> int:
+    """How many candidates per photo: 1 or more."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise JaguarKitError(f"top-k must be a whole number, 1 or more (candidates shown per photo), got {top_k!r}")
+    return int(top_k)
+
+
+def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo | str | Path] | str | Path,
+             model: Model | None = None,
              top_k: int = 5, cache_dir: str | Path | None = None, progress: bool = True,
              workers: int = 0) -> Identification:
     """Identify each photo against the catalogue: top-k individuals, probabilities, a decision.
 
-    ``model`` defaults to the catalogue's own (loaded from its recorded source); another one is
-    refused. Query photos are prepared and embedded under ``cache_dir`` (default: a ``cache``
-    folder in the catalogue).
+    ``photos``: :class:`Photo` objects or image paths (a list may mix them), a folder or a CSV.
+    ``model`` defaults to the catalogue's own (found by its digest, :func:`catalogue_model`);
+    another one is refused. Query photos are prepared and embedded under ``cache_dir``
+    (default: a ``cache`` folder in the catalogue).
     """
+    check_top_k(top_k)
     cat = catalogue if isinstance(catalogue, Catalogue) else Catalogue.load(catalogue)
-    if not isinstance(photos, (list, tuple)):
-        photos = read_photos(photos, folder_labels=False)
+    photos = as_photos(photos)
     if model is None:
-        model = load_model(cat.model["source"], prepared_size=cat.model["prepared_size"], tta=cat.model["tta"])
+        model = catalogue_model(cat)
     cat.check_model(model)
     cache = Path(cache_dir) if cache_dir else (cat.folder or Path(".")) / "cache"
     keys, emb, files = embed_photos(model, photos, cache, progress=progress, workers=workers)
@@ -102,6 +149,7 @@ def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo] | str | 
 def _identification(cat: Catalogue, photos, keys, files, emb, top_k) -> Identification:
     top_ids, top_scores, top_probs, top_photo, decisions = identify_embeddings(cat, emb, top_k)
     cal = cat.calibration
+    caution = calibration_banner(cal) or ""
     by_key = {}
     for j, k in enumerate(cat.keys):
         by_key.setdefault(k, j)
@@ -110,6 +158,7 @@ def _identification(cat: Catalogue, photos, keys, files, emb, top_k) -> Identifi
         same = cat.names[by_key[keys[i]]] if keys[i] in by_key else None
         check = what_to_check(decisions[i], list(top_ids[i]), list(top_scores[i]), list(top_probs[i]), cal, same)
         row = {"photo": p.label, "path": str(p.path), "decision": decisions[i],
+               "confidence": decision_band(decisions[i], top_probs[i, 0], cal),
                "probability": round(float(top_probs[i, 0]), 4), "score": round(float(top_scores[i, 0]), 4)}
         if p.identity is not None:
             row["true_identity"] = p.identity
@@ -119,6 +168,7 @@ def _identification(cat: Catalogue, photos, keys, files, emb, top_k) -> Identifi
             row[f"prob_{r + 1}"] = round(float(top_probs[i, r]), 4)
             row[f"match_{r + 1}"] = cat.names[top_photo[i, r]]
         row["check"] = check
+        row["caution"] = caution
         rows.append(row)
     return Identification(pd.DataFrame(rows), list(photos), keys, files, top_ids, top_scores, top_probs, top_photo,
                           decisions, cat)

@@ -13,7 +13,6 @@ writes it (an OS lock on ``.lock``, present only while a run is writing).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pickle
 import random
@@ -26,12 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import JaguarKitError
-from ..files import atomic_path, fault_point
-from ..kaggle.env import advice
+from ..files import RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: re-exported, train.engine imports it here
 
 LAST = "last.pt"
 BEST = "best.pt"
-LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.csv", "curves.png", BEST, LAST)  # copied in this order: last.pt last
 WEIGHT_KEYS = ("model", "criterion", "ema")
 
@@ -137,54 +134,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class RunLock:
-    """One writer per run folder: an exclusive ``flock`` on ``RUN/.lock``, removed at exit.
-
-    The kernel drops the lock when the process dies, however it dies, so a killed run
-    never blocks the next one. A second writer stops with the holder's process id.
-    """
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK
-        self._fd: int | None = None
-
-    def __enter__(self) -> "RunLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise JaguarKitError(f"{self.path.parent}: cannot create the run folder ({e.strerror})") from e
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                raise JaguarKitError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise JaguarKitError(
-                    f"{self.path.parent}: in use by process {holder} (another training run writes this folder); "
-                    + advice("wait for it to finish or use another --out", "wait for it to finish")
-                ) from None
-            try:  # the holder we waited for may have removed the file: lock the one on disk
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # before closing: no one can lock it in between
-            os.close(self._fd)
-            self._fd = None
 
 
 def find_attached_runs(run_name: str, search_roots: list[Path]) -> list[Path]:
