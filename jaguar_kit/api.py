@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .photos.catalogue import Catalogue, build_catalogue, load_catalogue
+from .photos.catalogue import Catalogue, build_catalogue, catalogue_model, load_catalogue
 from .photos.cluster import Clustering, cluster
 from .photos.evaluate import evaluate_open_set
 from .photos.folders import write_group_folders
@@ -52,7 +52,7 @@ def update_catalogue(catalogue: Catalogue | str | Path, photos, model: Model | N
     if cat.folder is None:
         raise ValueError("update_catalogue: the catalogue has no folder (load it with load_catalogue)")
     if model is None:
-        model = load_model(cat.model["source"], prepared_size=cat.model["prepared_size"], tta=cat.model["tta"])
+        model = catalogue_model(cat)
     target = cat.calibration.target_false_merge if cat.calibration else 0.05
     return build_catalogue(photos, model, cat.folder, target_false_merge=target, progress=progress)
 

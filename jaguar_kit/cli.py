@@ -209,8 +209,9 @@ def cmd_identify(args: argparse.Namespace) -> None:
     out = Path(args.out)
     photos = read_photos(args.photos, folder_labels=False, exclude=[out])
     mark_kit_folder(out)
-    result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=out / "cache", progress=not args.quiet,
-                      workers=args.workers)
+    # photos are cached in the catalogue, where cluster finds them embedded already
+    result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=cat.cache_dir(out / "cache"),
+                      progress=not args.quiet, workers=args.workers)
     _print_warnings(cat.warnings)
     if cat.banner:
         print(cat.banner, file=sys.stderr)
@@ -241,7 +242,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     mark_kit_folder(out)
     # with a catalogue, photos are cached in it, where identify finds them embedded already
     result = cluster(photos, model=model, catalogue=cat, threshold=args.threshold,
-                     cache_dir=None if cat is not None else out / "cache", progress=not args.quiet, workers=args.workers)
+                     cache_dir=cat.cache_dir(out / "cache") if cat is not None else out / "cache",
+                     progress=not args.quiet, workers=args.workers)
     csv_path = result.save_csv(out / "clusters.csv")
     page = write_cluster_report(result, out / "report.html")
     if args.folders:

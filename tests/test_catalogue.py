@@ -13,7 +13,6 @@ from photo_layouts import MODEL, PREPARED_SIZE, gaussian_embeddings, make_layout
 
 from jaguar_kit.photos.calibration import (
     calibrate,
-    fit_logistic,
     hold_out_scores,
     suspected_duplicates,
     threshold_for_rate,
@@ -22,6 +21,7 @@ from jaguar_kit.photos.catalogue import Catalogue, build_catalogue, load_catalog
 from jaguar_kit.photos.evaluate import evaluate_open_set, open_set_split
 from jaguar_kit.photos.identify import identify, identify_embeddings
 from jaguar_kit.errors import JaguarKitError
+from jaguar_kit.logistic import fit_logistic
 from jaguar_kit.metrics import auroc, open_set_scores
 from jaguar_kit.photos.inputs import read_photos
 
@@ -32,7 +32,7 @@ def test_fit_logistic_recovers_parameters():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, 40_000)
     y = rng.random(x.size) < 1 / (1 + np.exp(-(4.0 * x - 1.0)))
-    a, b = fit_logistic(x, y, ridge=0)
+    (a,), b = fit_logistic(x, y, l2=0, single_class="fit", max_iter=50)
     assert abs(a - 4.0) < 0.15 and abs(b + 1.0) < 0.06
 
 

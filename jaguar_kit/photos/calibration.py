@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import JaguarKitError
+from ..logistic import fit_logistic, sigmoid
 from ..metrics import auroc
 
 DEFAULT_TARGET_FMR = 0.05
@@ -61,34 +62,6 @@ def individual_scores(sim: np.ndarray, codes: np.ndarray, n_ids: int) -> tuple[n
     return scores, best
 
 
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, ridge: float = 1e-3,
-                 iterations: int = 50) -> tuple[float, float]:
-    """``(a, b)`` of P(y=1 | x) = sigmoid(a x + b), weighted, by Newton's method.
-
-    Two parameters on one feature: a dozen lines of numpy do it exactly, so scikit-learn (not a
-    dependency of the wheel, which installs with --no-deps on Kaggle) is not needed. A small
-    ridge keeps separable data (a very good model) finite.
-    """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    w = np.ones_like(x) if w is None else np.asarray(w, np.float64)
-    mu, sd = x.mean(), x.std() or 1.0
-    X = np.stack([(x - mu) / sd, np.ones_like(x)], 1)
-    beta = np.zeros(2)
-    for _ in range(iterations):
-        p = _sigmoid(X @ beta)
-        grad = X.T @ (w * (p - y)) + ridge * w.sum() * np.array([beta[0], 0.0])
-        hess = (X * (w * p * (1 - p))[:, None]).T @ X + ridge * w.sum() * np.diag([1.0, 0.0]) + 1e-12 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        beta -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(beta[0] / sd), float(beta[1] - beta[0] * mu / sd)
-
-
 def threshold_for_rate(new_scores: np.ndarray, target: float) -> float:
     """The lowest score threshold at which at most ``target`` of ``new_scores`` reach it (>=)."""
     v = np.sort(np.asarray(new_scores, np.float64))[::-1]
@@ -117,7 +90,7 @@ class Calibration:
     excluded: list = field(default_factory=list)  # individuals kept out of the fit (suspected duplicates)
 
     def probability(self, scores) -> np.ndarray:
-        return _sigmoid(self.a * np.asarray(scores, np.float64) + self.b)
+        return sigmoid(self.a * np.asarray(scores, np.float64) + self.b)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("threshold", "probability_threshold", "a", "b", "target_false_merge",
@@ -182,7 +155,8 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
         ys.append(y[ok])
         ws.append(np.full(ok.sum(), weight))
     x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
-    a, b = fit_logistic(x, y, w)
+    coef, b = fit_logistic(x, y, sample_weight=w, l2=1e-3, single_class="fit", max_iter=50)
+    a = float(coef[0])
     if a <= 0:  # scores carry no signal here (a model that cannot tell these animals apart): flat probabilities
         a, b = 0.0, float(np.log(max((w * y).sum(), 1e-9) / max((w * (1 - y)).sum(), 1e-9)))
     top_known_score = np.maximum(h.own, h.new_top)[known]
@@ -197,7 +171,7 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
         "known_photos": int(known.sum()),
         "individuals": int(n_ids),
     }
-    return Calibration(float(t), float(_sigmoid(a * t + b)), a, b, float(target_false_merge), estimated)
+    return Calibration(float(t), float(sigmoid(a * t + b)), a, b, float(target_false_merge), estimated)
 
 
 # --- what a decision may say ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,17 @@ class Catalogue:
     @property
     def individuals(self) -> list[str]:
         return sorted(set(self.identities))
+
+    def cache_dir(self, fallback: str | Path | None = None) -> Path:
+        """Where photos identified or grouped against this catalogue are prepared and embedded: its
+        own ``cache`` (so identify and cluster reuse each other's work), or ``fallback`` when the
+        catalogue is not writable (a shared, read-only copy)."""
+        cache = self.folder / "cache" if self.folder is not None else None
+        if cache is not None and (os.access(cache, os.W_OK) if cache.exists() else os.access(self.folder, os.W_OK)):
+            return cache
+        if fallback is None:
+            raise JaguarKitError(f"{self.folder or 'catalogue'}: not writable; give a cache folder (an output folder)")
+        return Path(fallback)
 
     @property
     def banner(self) -> str | None:

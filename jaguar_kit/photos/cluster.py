@@ -35,7 +35,7 @@ import pandas as pd
 from ..errors import JaguarKitError
 from ..files import atomic_path
 from .calibration import DEFAULT_TARGET_FMR
-from .catalogue import Catalogue
+from .catalogue import Catalogue, catalogue_model
 from .identify import Identification, _identification
 from .inputs import Photo, read_photos
 from .model import Model, embed_photos, load_model
@@ -224,7 +224,7 @@ def cluster(photos: Sequence[Photo] | str | Path, model: Model | str | None = No
     if model is None:
         if cat is None:
             raise JaguarKitError("cluster: give --model (a checkpoint or frozen:BACKBONE) or a --catalogue")
-        model = load_model(cat.model["source"], prepared_size=cat.model["prepared_size"], tta=cat.model["tta"])
+        model = catalogue_model(cat)
     elif not isinstance(model, Model):
         model = load_model(model)
     if cat is not None:
@@ -233,7 +233,7 @@ def cluster(photos: Sequence[Photo] | str | Path, model: Model | str | None = No
         target = cat.calibration.target_false_merge if cat.calibration else DEFAULT_TARGET_FMR
         threshold = linkage_threshold(cat.embeddings, cat.identities, target, linkage)
     if cache_dir is None:
-        cache_dir = cat.folder / "cache" if cat is not None and cat.folder is not None else user_cache_dir()
+        cache_dir = cat.cache_dir(user_cache_dir()) if cat is not None else user_cache_dir()
     keys, emb, files = embed_photos(model, photos, cache_dir, progress=progress, workers=workers)
     ident = _identification(cat, photos, keys, files, emb, top_k) if cat is not None else None
     decisions = ident.decisions if ident else None

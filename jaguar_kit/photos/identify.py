@@ -133,7 +133,7 @@ def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo | str | P
     ``photos``: :class:`Photo` objects or image paths (a list may mix them), a folder or a CSV.
     ``model`` defaults to the catalogue's own (found by its digest, :func:`catalogue_model`);
     another one is refused. Query photos are prepared and embedded under ``cache_dir``
-    (default: a ``cache`` folder in the catalogue).
+    (default: the catalogue's, see :meth:`Catalogue.cache_dir`).
     """
     check_top_k(top_k)
     cat = catalogue if isinstance(catalogue, Catalogue) else Catalogue.load(catalogue)
@@ -141,7 +141,7 @@ def identify(catalogue: Catalogue | str | Path, photos: Sequence[Photo | str | P
     if model is None:
         model = catalogue_model(cat)
     cat.check_model(model)
-    cache = Path(cache_dir) if cache_dir else (cat.folder or Path(".")) / "cache"
+    cache = Path(cache_dir) if cache_dir else cat.cache_dir()
     keys, emb, files = embed_photos(model, photos, cache, progress=progress, workers=workers)
     return _identification(cat, photos, keys, files, emb, top_k)
 

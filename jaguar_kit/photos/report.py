@@ -92,15 +92,6 @@ class _Thumbs:
         return f"{THUMBS}/{name}"
 
 
-def _banner(cat) -> str | None:
-    """The warning shown above everything when the model cannot separate the catalogue's individuals."""
-    try:
-        from .calibration import calibration_banner
-    except ImportError:  # the banner rule lands with the calibration work of issue 17
-        return None
-    return calibration_banner(cat.calibration)
-
-
 def _p(prob: float) -> str:
     return "n/a" if not np.isfinite(prob) else f"{prob:.2f}"
 
@@ -208,7 +199,7 @@ def write_identify_report(ident: Identification, path: str | Path, title: str = 
     rows = [_row("Photos", f"{len(ident.photos)}: {len(ident.photos) - n_new} matched to a known individual, "
                            f"{n_new} ", _part("new", badge="new")), *_calibration_rows(ident.catalogue)]
     return _render("identify.html", path, thumbs, title=title, summary=rows, entries=entries,
-                   banner=_banner(ident.catalogue), individuals=ident.catalogue.individuals,
+                   banner=ident.catalogue.banner, individuals=ident.catalogue.individuals,
                    page_id=_page_id("identify", [(e["key"], e["proposed"]) for e in entries]))
 
 
@@ -268,7 +259,7 @@ def write_cluster_report(result: Clustering, path: str | Path, title: str = "Clu
         entry["search"] = " ".join([name, *(m["label"] for m in entry["members"])])
         (singles if len(members) == 1 and badge != "known" else groups).append(entry)
     return _render("cluster.html", path, thumbs, title=title, summary=rows, groups=groups, singles=singles,
-                   banner=_banner(ident.catalogue) if ident is not None else None,
+                   banner=ident.catalogue.banner if ident is not None else None,
                    individuals=sorted(known),
                    page_id=_page_id("cluster", [(m["key"], e["proposed"]) for e in groups + singles
                                                 for m in e["members"]]))

@@ -34,9 +34,9 @@ from pathlib import Path
 from ..errors import JaguarKitError
 from ..files import fault_point
 from .calibration import DEFAULT_TARGET_FMR
-from .catalogue import Catalogue, build_catalogue
+from .catalogue import Catalogue, build_catalogue, catalogue_model
 from .inputs import Photo, _raise_problems, photo_key
-from .model import Model, load_model
+from .model import Model
 from .names import normalise_name
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,7 @@ def apply_decisions(catalogue: str | Path, decisions: str | Path, model: Model |
     adds = [d for d in todo if d.adds]
     if adds:
         if model is None:
-            model = load_model(cat.model["source"], device=device, prepared_size=cat.model["prepared_size"],
-                               tta=cat.model.get("tta", "none"))
+            model = catalogue_model(cat, device=device)
         target = cat.calibration.target_false_merge if cat.calibration is not None else DEFAULT_TARGET_FMR
         before = set(cat.individuals)
         result.catalogue = build_catalogue([d.photo for d in adds], model, folder, target_false_merge=target,
