@@ -227,8 +227,8 @@ def calibration_banner(cal: Calibration | None) -> str | None:
     if not why:
         return None
     return ("CAUTION: on this catalogue's own photos the model cannot tell its individuals apart (" + "; ".join(why)
-            + "): every decision below is close to a guess; check each photo by eye, and use a model fine-tuned on "
-            "your animals (jaguar-kit train)")
+            + "): every decision below is close to a guess; check each photo by eye, and index with a model "
+            "fine-tuned on jaguars (a training run's best.pt) rather than this one")
 
 
 @dataclass
