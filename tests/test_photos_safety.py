@@ -273,6 +273,16 @@ def test_every_photo_format_opencv_decodes_is_read_and_others_are_listed(tmp_pat
     assert all(decode_image(p.path)[0].shape == (48, 48, 3) for p in photos)
 
 
+def test_a_broken_link_among_photos_is_said(tmp_path, caplog):
+    _image(tmp_path / "A" / "p.jpg", 0)
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "A" / "moved.jpg")
+    with caplog.at_level(logging.WARNING):
+        photos = read_photos(tmp_path)
+    assert [p.name for p in photos] == ["A/p.jpg"]
+    said = [r.getMessage() for r in caplog.records if "link to nothing" in r.getMessage()]
+    assert len(said) == 1 and "A/moved.jpg" in said[0]
+
+
 @pytest.fixture(scope="module")
 def small_catalogue(tmp_path_factory):
     """``index`` as a user runs it: a folder (an NFD-named TIFF individual, a link loop, a raw

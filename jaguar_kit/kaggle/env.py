@@ -128,6 +128,7 @@ class InputFolder:
     depth: int  # 0 for a root
     files: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)  # neither a file nor a folder: broken links, devices
 
 
 def walk_inputs(roots: Iterable[str | Path] | None = None, max_depth: int = INPUT_DEPTH) -> Iterator[InputFolder]:
@@ -165,8 +166,10 @@ def walk_inputs(roots: Iterable[str | Path] | None = None, max_depth: int = INPU
                     here.dirs.append(e.name)
                 elif e.is_file(follow_symlinks=True):
                     here.files.append(e.name)
+                else:
+                    here.broken.append(e.name)
             except OSError:
-                continue
+                here.broken.append(e.name)
         yield here
         if depth < max_depth:
             queue.extend((folder / d, depth + 1) for d in here.dirs)

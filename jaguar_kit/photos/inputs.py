@@ -168,6 +168,7 @@ def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset
     skipped: list[str] = []  # files that are not photos
     kit: list[str] = []  # folders the kit wrote
     too_deep: list[str] = []
+    broken: list[str] = []  # links to nothing, unreadable entries
     spellings: dict[str, set[str]] = {}
     for folder in walk_inputs([root], PHOTO_DEPTH):
         rel_dir = folder.path.relative_to(root)
@@ -177,6 +178,7 @@ def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset
             continue
         if folder.depth == PHOTO_DEPTH and folder.dirs:
             too_deep.append(rel_dir.as_posix())
+        broken.extend((rel_dir / b).as_posix() for b in folder.broken)
         for f in folder.files:
             rel = rel_dir / f
             if not _is_image(rel):
@@ -193,6 +195,9 @@ def _read_folder(root: Path, folder_labels: bool, excluded: set[str] = frozenset
     if skipped:
         log.warning("%s: %d file(s) skipped, not a photo format read here (%s): %s", root, len(skipped),
                     _FORMATS_TEXT, few(skipped))
+    if broken:
+        log.warning("%s: %d entr%s skipped, a link to nothing or not a readable file: %s", root, len(broken),
+                    "y" if len(broken) == 1 else "ies", few(broken))
     if too_deep:
         log.warning("%s: folders more than %d levels down are not read: below %s", root, PHOTO_DEPTH, few(too_deep))
     if not photos:
