@@ -249,7 +249,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     if args.folders:
         write_group_folders(result, out / "groups", args.folders)
     print(f"{len(result.photos)} photos in {len(result.group_names)} groups -> {csv_path}, {page}"
-          + (f", {out / 'groups'}/ ({args.folders}s)" if args.folders else ""))
+          + (f", {out / 'groups'}/ ({'links' if args.folders == 'link' else 'copies'})" if args.folders else ""))
 
 
 def cmd_review(args: argparse.Namespace) -> None:
