@@ -6,7 +6,7 @@ are loaded on first use: ``jk.load_model``, ``jk.embed_photos``, ``jk.read_photo
 ``jk.cluster``, ``jk.score``, ``jk.write_report`` (see :mod:`jaguar_kit.api`).
 """
 
-__version__ = "0.2.0"
+from .version import __version__
 
 _API = (
     "load_model",

@@ -322,7 +322,7 @@ def _add_photo_model(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="jaguar-kit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"jaguar_kit {__version__}")

@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, atomic_write_text, file_sha256, load_npz
+from ..version import __version__
 from .calibration import (
     DEFAULT_TARGET_FMR,
     Calibration,
@@ -85,8 +86,6 @@ class Catalogue:
         return codes, [str(u) for u in uniques]
 
     def header(self) -> dict:
-        from .. import __version__
-
         counts = pd.Series(self.identities).value_counts().sort_index()
         return {
             "format": FORMAT_VERSION,

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..config import Config, config_from_dict, diff_configs
 from ..data.competition import load_competition
 from ..data.dataset import ImageDataset, build_transform, loader_safe_opencv, sample_seed, worker_init
