@@ -26,6 +26,9 @@ from ..errors import JaguarKitError
 from .images import image_file_problem
 
 TRAIN_COLUMNS = ("filename", "ground_truth")
+# An optional column naming each photo's encounter (a burst, one pass in front of a camera);
+# the first of these names present is used. Folds never split an encounter.
+ENCOUNTER_COLUMNS = ("encounter", "sequence", "sequence_id", "encounter_id")
 TEST_COLUMNS = ("row_id", "query_image", "gallery_image")
 
 
@@ -33,7 +36,9 @@ TEST_COLUMNS = ("row_id", "query_image", "gallery_image")
 class Competition:
     """A validated competition folder.
 
-    ``train``: filename, identity, path (one row per train.csv row, in file order).
+    ``train``: filename, identity, path, encounter (one row per train.csv row, in file order);
+    encounter is the text of train.csv's encounter column (:data:`ENCOUNTER_COLUMNS`), ""
+    where the column or the cell is missing (``data.encounters.train_encounters`` infers those).
     ``test_images``: filename, path of the unique images named in test.csv, sorted by name.
     ``pairs``: row_id, query_image, gallery_image (test.csv order), None without test.csv.
     """
@@ -86,7 +91,7 @@ def read_csv_text(path: str | Path) -> str:
         ) from None
 
 
-def read_csv_checked(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
+def read_csv_checked(path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a small CSV as stripped strings, indexed by CSV line number (header = line 1).
 
     The one reader for every table the kit reads (train.csv, test.csv, labels, solution,
@@ -94,6 +99,7 @@ def read_csv_checked(path: str | Path, required: tuple[str, ...]) -> pd.DataFram
     it is (``NA``, ``null`` or ``None`` are names, never missing values). Raises one line on
     a missing file, a file that is not UTF-8, an empty file, a wrong delimiter, a missing
     column or a row whose field count differs from the header's. Blank lines are skipped.
+    The ``optional`` columns present are kept after the required ones.
     """
     path = Path(path)
     # The csv module rather than pandas.read_csv: pandas silently turns an extra field
@@ -136,7 +142,8 @@ def read_csv_checked(path: str | Path, required: tuple[str, ...]) -> pd.DataFram
     if not rows:
         raise JaguarKitError(f"{path}: empty CSV (a header but no data rows)")
     assert header is not None
-    return pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"))[list(required)]
+    keep = list(required) + [c for c in optional if c in header and c not in required]
+    return pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"))[keep]
 
 
 def _image_dir(root: Path, name: str) -> Path | None:
@@ -194,7 +201,8 @@ def load_competition(root: str | Path, check_images: bool = True) -> Competition
     if not root.is_dir():
         raise JaguarKitError(f"{root}: competition folder not found")
     train_csv, test_csv = root / "train.csv", root / "test.csv"
-    train_df = read_csv_checked(train_csv, TRAIN_COLUMNS)
+    train_df = read_csv_checked(train_csv, TRAIN_COLUMNS, ENCOUNTER_COLUMNS)
+    encounter_col = next((c for c in ENCOUNTER_COLUMNS if c in train_df.columns), None)
     train_dir = _image_dir(root, "train")
     if train_dir is None:
         raise JaguarKitError(
@@ -265,6 +273,7 @@ def load_competition(root: str | Path, check_images: bool = True) -> Competition
             "filename": train_df["filename"].to_numpy(),
             "identity": train_df["ground_truth"].to_numpy(),
             "path": [train_dir / (_disk_name(train_dir, train_files, f) or f) for f in train_df["filename"]],
+            "encounter": train_df[encounter_col].to_numpy() if encounter_col else "",
         }
     )
     test_images = pd.DataFrame(
@@ -323,4 +332,4 @@ def find_competition_dir(search_root: str | Path | None = None, max_depth: int |
     return found[0]
 
 
-__all__ = ["Competition", "load_competition", "find_competition_dir", "read_csv_checked", "read_csv_text"]
+__all__ = ["ENCOUNTER_COLUMNS", "Competition", "load_competition", "find_competition_dir", "read_csv_checked", "read_csv_text"]

@@ -21,6 +21,13 @@ What makes it a fair re-ID task:
 
 Every image comes from its own RNG, derived from ``(seed, identity, image index)`` with
 :class:`numpy.random.SeedSequence`, so the bytes do not depend on ``workers`` or order.
+
+Encounters (``images_per_encounter`` > 1, opt-in): a camera trap takes several photos per
+pass. The photos of one encounter show one flank and share the background, the foliage in
+front, the light, the coat's colour under it, the camera's info band and the placement
+(position, scale, tilt up to a small jitter); pose, coat window, blur and noise vary per
+photo. Their encounter is written to train.csv's ``encounter`` column; test photos come
+from other encounters than the training photos, as on a real test set.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ MANIFEST = "synth.json"
 
 # SeedSequence spawn-key namespaces: one stream per purpose, so that adding identities or
 # images never changes the ones already there.
-_KEY_COAT, _KEY_FLANKS, _KEY_IMAGE, _KEY_NAMES, _KEY_SHUFFLE = range(5)
+_KEY_COAT, _KEY_FLANKS, _KEY_IMAGE, _KEY_NAMES, _KEY_SHUFFLE, _KEY_ENCOUNTER = range(6)
+# The scene an encounter's photos share, one stream each (so the draws of one never shift another's).
+_SCENE_BACKGROUND, _SCENE_PLACEMENT, _SCENE_COLOUR, _SCENE_FOLIAGE, _SCENE_LIGHT, _SCENE_CAMERA = range(6)
 
 # The coat canvas in body units (x: head at -, tail at +; y: down). It holds the whole
 # posed animal (head, legs, tail) for every window offset.
@@ -447,21 +456,35 @@ def _occluders(
     return mask, col
 
 
-def render_image(seed: int, identity: int, flank: int, index: int, size: int) -> np.ndarray:
+def render_image(seed: int, identity: int, flank: int, index: int, size: int, encounter: int | None = None) -> np.ndarray:
     """One camera-trap view of one flank of one identity, as uint8 BGRA (ready for cv2).
 
     Alpha is the mask of the visible jaguar (0/255); foliage in front and the camera's
-    info band are excluded from it. The image is fully determined by the arguments.
+    info band are excluded from it. The image is fully determined by the arguments;
+    images with the same ``encounter`` (of one identity) share its scene (module docstring).
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KEY_IMAGE, identity, index)))
+
+    def scene(purpose: int) -> np.random.Generator:  # the encounter's stream; none: the image's own
+        if encounter is None:
+            return rng
+        return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KEY_ENCOUNTER, identity, encounter,
+                                                                             purpose)))
+
     w, h = size, int(round(size * 2 / 3))
     k = size / 256  # pixel-sized effects scale with the image
-    img = _background(rng, h, w, k)
+    img = _background(scene(_SCENE_BACKGROUND), h, w, k)
 
     # --- placement: body units -> image pixels (left flank: head to the left)
-    s = w * math.exp(rng.uniform(*np.log(_SCALE_RANGE)))
-    theta = float(np.clip(rng.normal(0, _ROT_SD), -0.3, 0.3))
-    A = _affine(w * rng.uniform(0.33, 0.67), h * rng.uniform(0.38, 0.6), s, theta, mirror=flank == 1)
+    place = scene(_SCENE_PLACEMENT)
+    s = w * math.exp(place.uniform(*np.log(_SCALE_RANGE)))
+    theta = float(np.clip(place.normal(0, _ROT_SD), -0.3, 0.3))
+    cx, cy = w * place.uniform(0.33, 0.67), h * place.uniform(0.38, 0.6)
+    if encounter is not None:  # the animal moves a little between the photos of a burst
+        s *= math.exp(rng.normal(0, 0.05))
+        theta = float(np.clip(theta + rng.normal(0, 0.03), -0.3, 0.3))
+        cx, cy = cx + rng.normal(0, 0.03 * w), cy + rng.normal(0, 0.02 * h)
+    A = _affine(cx, cy, s, theta, mirror=flank == 1)
     far, near, lm = _body_parts(rng)
     far = [_apply(A, p) for p in far]
     near = [_apply(A, p) for p in near]
@@ -514,8 +537,9 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
         spot = coat[..., 0].astype(np.float32) / 255
         centre = coat[..., 1].astype(np.float32) / 255
 
-        base = _hsv(rng.uniform(22, 40), rng.uniform(0.45, 0.8), rng.uniform(0.6, 0.9))
-        cream = _hsv(rng.uniform(30, 45), rng.uniform(0.05, 0.2), rng.uniform(0.8, 0.95))
+        colour = scene(_SCENE_COLOUR)
+        base = _hsv(colour.uniform(22, 40), colour.uniform(0.45, 0.8), colour.uniform(0.6, 0.9))
+        cream = _hsv(colour.uniform(30, 45), colour.uniform(0.05, 0.2), colour.uniform(0.8, 0.95))
         bb = lm["b"]
         # pale belly under the torso, fading out down the legs
         belly = (
@@ -530,7 +554,7 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
         fur = 1 + 0.1 * _blur(rng.standard_normal(bx.shape, dtype=np.float32), 0.7 * k)[..., None]
         col = (base * (1 - belly) + cream * belly) * shade * fur
         col *= 1 - 0.2 * centre[..., None]
-        dark = np.array([0.07, 0.05, 0.04], np.float32) * rng.uniform(0.6, 1.4)
+        dark = np.array([0.07, 0.05, 0.04], np.float32) * colour.uniform(0.6, 1.4)
         col = col * (1 - spot[..., None]) + dark * spot[..., None]
         far_only = (sil[by0:by1, bx0:bx1] - near_m[by0:by1, bx0:bx1])[..., None]
         col *= 1 - 0.3 * far_only
@@ -541,7 +565,7 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
             cv2.circle(img, (int(p[0] * _FIX), int(p[1] * _FIX)), max(1, int(r * s * _FIX)), c, -1, cv2.LINE_AA, _SHIFT)
 
     # --- foliage in front; it hides the jaguar (and its mask) where it lies
-    occ, occ_col = _occluders(rng, h, w, k, (bx0, by0, bx1, by1))
+    occ, occ_col = _occluders(scene(_SCENE_FOLIAGE), h, w, k, (bx0, by0, bx1, by1))
     visible = sil
     if occ is not None:
         visible = sil * (1 - occ)
@@ -551,26 +575,27 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
             visible = sil
 
     # --- light and camera
-    mode = rng.choice(3, p=_P_LIGHT)
+    light = scene(_SCENE_LIGHT)
+    mode = light.choice(3, p=_P_LIGHT)
     xx = np.arange(w, dtype=np.float32)[None, :]
     yy = np.arange(h, dtype=np.float32)[:, None]
     r2 = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2  # for vignetting
     if mode == 0:
-        dapple = np.clip(_smooth_noise(rng, h, w, (5, 7)) * 1.5, -1, 1)
-        img *= (1 + rng.uniform(0, 0.3) * dapple)[..., None]
-        img *= rng.uniform(0.9, 1.1, 3).astype(np.float32)  # white balance
-        img *= rng.uniform(0.75, 1.25)
+        dapple = np.clip(_smooth_noise(light, h, w, (5, 7)) * 1.5, -1, 1)
+        img *= (1 + light.uniform(0, 0.3) * dapple)[..., None]
+        img *= light.uniform(0.9, 1.1, 3).astype(np.float32)  # white balance
+        img *= light.uniform(0.75, 1.25)
     elif mode == 1:
         # near infrared: grey, vegetation bright (chlorophyll reflects NIR), LED falloff
         g = img @ np.array([0.35, 0.55, 0.1], np.float32)
-        g = g * rng.uniform(1.0, 1.5) * (1 - rng.uniform(0.3, 0.6) * np.clip(r2, 0, 1.5))
-        img = g[..., None] * rng.uniform(0.97, 1.03, 3).astype(np.float32)
+        g = g * light.uniform(1.0, 1.5) * (1 - light.uniform(0.3, 0.6) * np.clip(r2, 0, 1.5))
+        img = g[..., None] * light.uniform(0.97, 1.03, 3).astype(np.float32)
     else:
         fx, fy = xx - (bx0 + bx1) / 2, yy - (by0 + by1) / 2
-        hot = np.exp(-(fx**2 + fy**2) / (2 * (rng.uniform(0.2, 0.45) * w) ** 2))
+        hot = np.exp(-(fx**2 + fy**2) / (2 * (light.uniform(0.2, 0.45) * w) ** 2))
         depth = np.clip(visible + 0.25 + 0.3 * (yy / h), 0, 1)  # the background lies further away
         img *= ((0.25 + 1.1 * hot) * (1 - 0.45 * np.clip(r2, 0, 1.5)) * (0.55 + 0.45 * depth))[..., None]
-    gamma = rng.uniform(0.8, 1.25)  # applied to the 8-bit result below, through a table
+    gamma = light.uniform(0.8, 1.25)  # applied to the 8-bit result below, through a table
     blur = rng.uniform(0, 1.2) * k
     if rng.random() < 0.15:  # motion blur along the body
         length = rng.uniform(3, 8) * k
@@ -594,13 +619,14 @@ def render_image(seed: int, identity: int, flank: int, index: int, size: int) ->
     alpha = (visible > 0.5).astype(np.uint8) * 255
     rgb = (img * 255 + 0.5).astype(np.uint8)
     rgb = cv2.LUT(rgb, (np.linspace(0, 1, 256) ** gamma * 255 + 0.5).astype(np.uint8))
-    if rng.random() < 0.5:  # camera-trap info band with a timestamp
+    camera = scene(_SCENE_CAMERA)
+    if camera.random() < 0.5:  # camera-trap info band with a timestamp
         bh = max(8, int(0.06 * h))
-        top = rng.random() < 0.3
+        top = camera.random() < 0.3
         sl = slice(0, bh) if top else slice(h - bh, h)
         rgb[sl] = 0
         alpha[sl] = 0
-        stamp = f"{int(rng.integers(2017, 2025))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d} {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}  {int(rng.integers(18, 34))}C  CAM{int(rng.integers(1, 40)):02d}"
+        stamp = f"{int(camera.integers(2017, 2025))}-{int(camera.integers(1, 13)):02d}-{int(camera.integers(1, 29)):02d} {int(camera.integers(0, 24)):02d}:{int(camera.integers(0, 60)):02d}:{int(camera.integers(0, 60)):02d}  {int(camera.integers(18, 34))}C  CAM{int(camera.integers(1, 40)):02d}"
         cv2.putText(
             rgb,
             stamp,
@@ -646,9 +672,9 @@ def _flanks(seed: int, identity: int, n_train: int, n_test: int) -> list[int]:
     return out
 
 
-def _make_one(task: tuple[str, int, int, int, int, int]) -> str:
-    path, seed, identity, flank, index, size = task
-    ok, buf = cv2.imencode(".png", render_image(seed, identity, flank, index, size))
+def _make_one(task: tuple[str, int, int, int, int, int, int | None]) -> str:
+    path, seed, identity, flank, index, size, encounter = task
+    ok, buf = cv2.imencode(".png", render_image(seed, identity, flank, index, size, encounter))
     if not ok:  # pragma: no cover - cv2 only fails here on a broken build
         raise JaguarKitError(f"{path}: cv2 could not encode the PNG")
     atomic_write_bytes(path, buf.tobytes())
@@ -668,16 +694,23 @@ def generate_competition(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    images_per_encounter: int = 1,
 ) -> Path:
     """Write a synthetic jaguar-re-id competition folder at ``out`` and return its path.
 
     Closed set like the real test: every identity has ``images_per_identity`` train and
     ``test_per_identity`` test images (RGBA PNG, ``size`` x ``2/3 size``). The same
-    arguments give byte-identical files for any ``workers``. A folder this function
+    arguments give byte-identical files for any ``workers``. ``images_per_encounter`` > 1
+    groups each identity's consecutive photos into encounters sharing a scene (module
+    docstring), named in train.csv's ``encounter`` column. A folder this function
     already finished with the same arguments is returned as it is; a folder with another
     competition's ``train.csv`` in it is refused rather than overwritten.
     """
     _check_args(identities, images_per_identity, test_per_identity, size, seed, workers)
+    if not isinstance(images_per_encounter, (int, np.integer)) or images_per_encounter < 1:
+        raise JaguarKitError(f"generate_competition: images_per_encounter must be an integer >= 1, "
+                             f"got {images_per_encounter!r}")
+    m = int(images_per_encounter)
     out = Path(out)
     params = {
         "generator": "jaguar_kit.data.synth",
@@ -687,6 +720,7 @@ def generate_competition(
         "test_per_identity": int(test_per_identity),
         "size": int(size),
         "seed": int(seed),
+        **({"images_per_encounter": m} if m > 1 else {}),
     }
     manifest = out / MANIFEST
     old = None
@@ -706,11 +740,18 @@ def generate_competition(
 
     names = identity_names(identities, seed)
     n_all = images_per_identity + test_per_identity
-    train_items, test_items = [], []  # (identity, image index, flank)
+    n_train_enc = -(-images_per_identity // m)
+    train_items, test_items = [], []  # (identity, image index, flank, encounter or None)
     for i in range(identities):
-        fl = _flanks(seed, i, images_per_identity, test_per_identity)
+        if m == 1:
+            fl, enc = _flanks(seed, i, images_per_identity, test_per_identity), [None] * n_all
+        else:  # one flank per encounter; train and test photos never share an encounter
+            enc = [j // m if j < images_per_identity else n_train_enc + (j - images_per_identity) // m
+                   for j in range(n_all)]
+            enc_flank = _flanks(seed, i, n_train_enc, -(-test_per_identity // m))
+            fl = [enc_flank[e] for e in enc]
         for j in range(n_all):
-            (train_items if j < images_per_identity else test_items).append((i, j, fl[j]))
+            (train_items if j < images_per_identity else test_items).append((i, j, fl[j], enc[j]))
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KEY_SHUFFLE,)))
     train_order = rng.permutation(len(train_items))
     test_order = rng.permutation(len(test_items))
@@ -722,10 +763,10 @@ def generate_competition(
         ("test", test_items, test_order, test_rows, out / "test" / "test"),
     ):
         for number, pos in enumerate(order, start=1):
-            i, j, flank = items[pos]
+            i, j, flank, e = items[pos]
             fname = f"{prefix}_{number:0{digits}d}.png"
-            rows.append((fname, names[i]))
-            tasks.append((i, j, (str(folder / fname), seed, i, flank, j, size)))
+            rows.append((fname, names[i], "" if e is None else f"{names[i]}-{e:03d}"))
+            tasks.append((i, j, (str(folder / fname), seed, i, flank, j, size, e)))
     tasks.sort(key=lambda t: (t[0], t[1]))  # by identity: each coat is drawn once per process
     jobs = [t[2] for t in tasks]
 
@@ -743,9 +784,13 @@ def generate_competition(
                 for _ in pool.map(_make_one, jobs, chunksize=n_all):
                     bar.update()
 
-    test_names = [f for f, _ in test_rows]
-    atomic_write_text(out / "train.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g in train_rows))
-    atomic_write_text(out / "solution.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g in test_rows))
+    test_names = [f for f, _, _ in test_rows]
+    if m == 1:
+        atomic_write_text(out / "train.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g, _ in train_rows))
+    else:
+        atomic_write_text(out / "train.csv", "filename,ground_truth,encounter\n"
+                          + "".join(f"{f},{g},{e}\n" for f, g, e in train_rows))
+    atomic_write_text(out / "solution.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g, _ in test_rows))
     pairs = [(q, g) for q in test_names for g in test_names if q != g]
     atomic_write_text(
         out / "test.csv",
@@ -758,4 +803,27 @@ def generate_competition(
     return out
 
 
-__all__ = ["generate_competition", "identity_names", "coat_pattern", "render_coat", "render_image"]
+def encounter_embeddings(
+    identities: int = 20, encounters: int = 12, per_encounter: int = 2, dim: int = 128,
+    identity_scale: float = 0.6, context: float = 1.0, noise: float = 0.6, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Simulated embeddings of photos taken in encounters: ``(vectors, identities, encounters)``.
+
+    A photo's vector is its identity's direction (scale ``identity_scale``) plus its
+    encounter's context (background, light: shared by the encounter's photos, sd
+    ``context``) plus its own noise (sd ``noise``). Milliseconds to make, so tests and
+    benchmarks of validation schemes can run many seeds; encounter ``e`` of identity ``i``
+    is named ``"{i}-{e}"`` (identities ``"id{i}"``), so callers can hold whole encounters out.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KEY_ENCOUNTER,)))
+    centre = rng.normal(size=(identities, dim)) * identity_scale
+    n = identities * encounters
+    ctx = rng.normal(size=(n, dim)) * context
+    vectors = np.repeat(centre, encounters * per_encounter, axis=0) + np.repeat(ctx, per_encounter, axis=0)
+    vectors += rng.normal(size=vectors.shape) * noise
+    ids = np.repeat([f"id{i}" for i in range(identities)], encounters * per_encounter)
+    enc = np.repeat([f"{i}-{e}" for i in range(identities) for e in range(encounters)], per_encounter)
+    return vectors, ids, enc
+
+
+__all__ = ["encounter_embeddings", "generate_competition", "identity_names", "coat_pattern", "render_coat", "render_image"]
