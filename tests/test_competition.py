@@ -56,7 +56,8 @@ def test_load_both_layouts(tmp_path: Path, layout: str) -> None:
     comp = load_competition(root)
     expected_dir = root / "train" / "train" if layout == "nested" else root / "train"
     assert comp.train_dir == expected_dir
-    assert list(comp.train.columns) == ["filename", "identity", "path"]
+    assert list(comp.train.columns) == ["filename", "identity", "path", "encounter"]
+    assert set(comp.train["encounter"]) == {""}  # no encounter column: none given
     assert len(comp.train) == 9
     assert comp.train["identity"].tolist()[:3] == ["jaguar_0", "jaguar_1", "jaguar_2"]
     assert all(Path(p).is_file() for p in comp.train["path"])
@@ -250,3 +251,42 @@ def test_find_different_folders_is_ambiguous(tmp_path: Path) -> None:
     with pytest.raises(JaguarKitError) as e:
         find_competition_dir(tmp_path)
     assert str(a) in str(e.value) and str(b) in str(e.value)
+
+
+# --- encounters ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["encounter", "sequence", "sequence_id", "encounter_id"])
+def test_encounter_column_is_read_under_each_name(tmp_path: Path, column: str) -> None:
+    from jaguar_kit.data.encounters import train_encounters
+
+    root = make_comp(tmp_path, ids=2, per_id=3)
+    lines = (root / "train.csv").read_text().splitlines()
+    given = ["burst1", "burst1", "", "burst2", "burst2", ""]  # two photos without an encounter
+    (root / "train.csv").write_text("\n".join([f"{lines[0]},{column}"] + [f"{ln},{g}" for ln, g in
+                                                                          zip(lines[1:], given)]) + "\n")
+    train = load_competition(root).train
+    assert train["encounter"].tolist() == given
+    enc = train_encounters(train)
+    assert enc[:2].tolist() == ["burst1", "burst1"] and enc[3] == "burst2"
+    assert enc[2].startswith("~") and enc[5].startswith("~") and enc[2] != enc[5]  # inferred, never a given one
+
+
+def test_encounters_inferred_as_near_duplicates_of_one_identity(tmp_path: Path) -> None:
+    """Without the column: the same shot (or a near copy) of one identity is one encounter; others are not."""
+    from jaguar_kit.data.encounters import train_encounters
+
+    root = make_comp(tmp_path, ids=2, per_id=3)
+    tr = root / "train" / "train"
+    # train_0000 and train_0002 are jaguar_0 and jaguar_0; make them one burst (a copy with a little noise)
+    img = cv2.imread(str(tr / "train_0000.png"), cv2.IMREAD_UNCHANGED)
+    noisy = np.clip(img.astype(int) + np.random.default_rng(1).integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+    cv2.imwrite(str(tr / "train_0002.png"), noisy)
+    cv2.imwrite(str(tr / "train_0001.png"), img)  # the same picture under another identity: not its encounter
+    train = load_competition(root).train
+    assert set(train["encounter"]) == {""}
+    enc = train_encounters(train)
+    ids = train["identity"].tolist()
+    assert ids[0] == ids[2] != ids[1]
+    assert enc[0] == enc[2]
+    assert len(set(enc)) == len(enc) - 1  # every other photo is its own encounter

@@ -149,3 +149,43 @@ def test_rendered_views_keep_the_coat_and_vary_the_rest():
     assert a.shape == b.shape == (64, 96, 4) and a.dtype == np.uint8
     assert not np.array_equal(a, b)  # another view: pose, light and background differ
     assert np.array_equal(a, render_image(0, 0, 0, 0, 96))
+
+
+# --- encounters ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comp_encounters(tmp_path_factory):
+    return generate_competition(tmp_path_factory.mktemp("synth") / "enc", identities=4, images_per_identity=9,
+                                test_per_identity=3, size=128, seed=1, progress=False, images_per_encounter=3)
+
+
+def test_encounters_are_written_and_kept_out_of_the_test(comp_encounters):
+    from jaguar_kit.data.competition import load_competition
+
+    train = load_competition(comp_encounters).train
+    assert _rows(comp_encounters / "train.csv")[0] == ["filename", "ground_truth", "encounter"]
+    sizes = train.groupby("encounter").agg(n=("identity", "size"), ids=("identity", "nunique"))
+    assert len(sizes) == 4 * 3 and (sizes["n"] == 3).all() and (sizes["ids"] == 1).all()
+    params = json.loads((comp_encounters / "synth.json").read_text())
+    assert params["images_per_encounter"] == 3 and params["complete"]
+
+
+def test_photos_of_one_encounter_share_their_scene_and_are_found_again(comp_encounters):
+    """The scene is shared (the near-duplicate rule recovers every encounter exactly), the coat view is not."""
+    from jaguar_kit.data.competition import load_competition
+    from jaguar_kit.data.encounters import infer_encounters
+
+    train = load_competition(comp_encounters).train
+    inferred = infer_encounters(train["identity"], train["path"])
+    given = train["encounter"].to_numpy()
+    assert all(len(set(inferred[given == g])) == 1 for g in set(given))  # no encounter is split
+    assert all(len(set(given[inferred == g])) == 1 for g in set(inferred))  # no two are merged
+    imgs = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in train["path"][given == given[0]]]
+    assert not np.array_equal(imgs[0], imgs[1])  # each photo is its own view
+
+
+def test_without_encounters_the_bytes_are_those_of_before(comp):
+    """Opting out (the default) keeps every existing folder's images: the same bytes as without the option."""
+    assert np.array_equal(render_image(0, 1, 0, 3, 64), render_image(0, 1, 0, 3, 64, encounter=None))
+    assert not np.array_equal(render_image(0, 1, 0, 3, 64, encounter=0), render_image(0, 1, 0, 3, 64))
