@@ -62,6 +62,7 @@ class Embeddings:
 def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[str], list[Path], list[str] | None]:
     """(names, source paths, identities or None) of a split: train, val (the config's fold), test."""
     from .data.competition import load_competition
+    from .data.encounters import train_encounters
     from .data.folds import fold_split
 
     comp = load_competition(data_dir)
@@ -75,7 +76,8 @@ def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[st
     if split == "val":
         if cfg.data.fold < 0:
             raise JaguarKitError("split 'val' needs data.fold >= 0 (fold -1 trains on everything)")
-        val_idx = fold_split(ids, cfg.data).val_idx  # the split training validated on
+        # the split training validated on: the same encounters, never split
+        val_idx = fold_split(ids, cfg.data, groups=train_encounters(comp.train)).val_idx
         return [names[i] for i in val_idx], [paths[i] for i in val_idx], [ids[i] for i in val_idx]
     raise JaguarKitError(f"unknown split {split!r} (train, val or test)")
 

@@ -177,3 +177,27 @@ def test_ddp_two_processes_on_cpu_gloo(competition, tmp_path):
     assert proc.stdout.count("training on") == 1  # only rank 0 reports and writes
     assert proc.stdout.count("finished after 1 epochs") == 1 and "n/a" not in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.csv"]
+
+
+# --- encounters ------------------------------------------------------------------------------
+
+
+def test_training_and_inference_share_one_split_that_never_splits_an_encounter(competition, tiny_config, tmp_path):
+    """train.csv names encounters: the run records them, and the engine and `embed --split val` hold out
+    the same images, whole encounters only."""
+    from jaguar_kit.pipeline import split_images
+    from jaguar_kit.train.engine import _fold_data, training_table
+
+    data = tmp_path / "data"
+    shutil.copytree(competition, data)
+    train_csv = pd.read_csv(data / "train.csv", dtype=str)
+    train_csv["encounter"] = train_csv.groupby("ground_truth").cumcount().floordiv(3).astype(str)  # bursts of 3
+    train_csv["encounter"] = train_csv["ground_truth"] + "/" + train_csv["encounter"]
+    train_csv.to_csv(data / "train.csv", index=False)
+    comp, table = training_table(data)
+    assert table["encounters"] == dict(zip(train_csv["filename"], train_csv["encounter"]))  # recorded in the run
+    fold = _fold_data(tiny_config, comp, tmp_path / "prepared", False, table["encounters"])
+    enc = train_csv["encounter"].to_numpy()
+    assert len(fold.val_idx) and not set(enc[fold.train_idx]) & set(enc[fold.val_idx])
+    names, _, _ = split_images(tiny_config, data, "val")
+    assert names == list(train_csv["filename"].to_numpy()[fold.val_idx])  # inference validates on the same images

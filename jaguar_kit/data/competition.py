@@ -332,4 +332,5 @@ def find_competition_dir(search_root: str | Path | None = None, max_depth: int |
     return found[0]
 
 
-__all__ = ["ENCOUNTER_COLUMNS", "Competition", "load_competition", "find_competition_dir", "read_csv_checked", "read_csv_text"]
+__all__ = ["ENCOUNTER_COLUMNS", "Competition", "load_competition", "find_competition_dir", "read_csv_checked",
+           "read_csv_text"]

@@ -456,7 +456,9 @@ def _occluders(
     return mask, col
 
 
-def render_image(seed: int, identity: int, flank: int, index: int, size: int, encounter: int | None = None) -> np.ndarray:
+def render_image(
+    seed: int, identity: int, flank: int, index: int, size: int, encounter: int | None = None
+) -> np.ndarray:
     """One camera-trap view of one flank of one identity, as uint8 BGRA (ready for cv2).
 
     Alpha is the mask of the visible jaguar (0/255); foliage in front and the camera's
@@ -786,7 +788,8 @@ def generate_competition(
 
     test_names = [f for f, _, _ in test_rows]
     if m == 1:
-        atomic_write_text(out / "train.csv", "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g, _ in train_rows))
+        atomic_write_text(out / "train.csv",
+                          "filename,ground_truth\n" + "".join(f"{f},{g}\n" for f, g, _ in train_rows))
     else:
         atomic_write_text(out / "train.csv", "filename,ground_truth,encounter\n"
                           + "".join(f"{f},{g},{e}\n" for f, g, e in train_rows))
@@ -826,4 +829,5 @@ def encounter_embeddings(
     return vectors, ids, enc
 
 
-__all__ = ["encounter_embeddings", "generate_competition", "identity_names", "coat_pattern", "render_coat", "render_image"]
+__all__ = ["encounter_embeddings", "generate_competition", "identity_names", "coat_pattern", "render_coat",
+           "render_image"]

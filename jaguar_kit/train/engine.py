@@ -43,6 +43,7 @@ from ..version import __version__
 from ..config import Config, config_from_dict, diff_configs
 from ..data.competition import load_competition
 from ..data.dataset import ImageDataset, build_transform, loader_safe_opencv, sample_seed, worker_init
+from ..data.encounters import train_encounters
 from ..data.folds import fold_split
 from ..data.prepare import prepare_images
 from ..data.sampler import PKSampler
@@ -241,21 +242,27 @@ class FoldData:
 def training_table(data_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     """The validated competition and the run's record of its training table.
 
-    The record (``filename -> identity``) goes into every checkpoint, so a resume can say
+    The record (``images``: filename -> identity; ``encounters``: filename -> encounter, given
+    or inferred, which the folds never split) goes into every checkpoint, so a resume can say
     exactly what changed in ``train.csv`` since the run started.
     """
     comp = load_competition(data_dir, check_images=True)
-    return comp, {"images": dict(zip(map(str, comp.train["filename"]), map(str, comp.train["identity"])))}
+    names = list(map(str, comp.train["filename"]))
+    return comp, {"images": dict(zip(names, map(str, comp.train["identity"]))),
+                  "encounters": dict(zip(names, map(str, train_encounters(comp.train))))}
 
 
-def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool) -> FoldData:
-    """Prepare the competition's training images and split off the fold."""
+def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool,
+               encounters: dict[str, str] | None) -> FoldData:
+    """Prepare the competition's training images and split off the fold (never splitting an encounter;
+    ``encounters`` None: a run started before encounters were recorded keeps its image-wise split)."""
     d = cfg.data
     prepared = prepare_images(list(comp.train["path"]), prepared_root, d.alpha_mode, d.crop_margin, d.prepared_size,
                               workers=d.workers, progress=progress)
     identities = comp.train["identity"].astype(str).to_numpy()
     paths = np.array([str(prepared[str(p)]) for p in comp.train["path"]])  # by path: names may repeat in sub-folders
-    split = fold_split(identities, d, report=progress)
+    groups = None if encounters is None else [encounters[str(f)] for f in comp.train["filename"]]
+    split = fold_split(identities, d, report=progress, groups=groups)
     classes = sorted(set(identities[split.train_idx]))
     class_of = {c: i for i, c in enumerate(classes)}
     return FoldData(identities, paths, split.train_idx, split.val_idx, classes,
@@ -567,7 +574,9 @@ class Trainer:
         if self.is_main and model.weights_report is not None:
             print(f"weights: {model.weights_report.summary()}")
 
-        self.data = data = _fold_data(cfg, comp, prepared_root, progress)
+        if saved is not None and "encounters" not in saved.get("data", {}):  # its split is image-wise: keep it
+            self.table = table = {k: v for k, v in table.items() if k != "encounters"}
+        self.data = data = _fold_data(cfg, comp, prepared_root, progress, table.get("encounters"))
         if len(data.classes) < 2:
             raise JaguarKitError(f"only {len(data.classes)} identity in the training split of train.csv; "
                                  "re-identification training needs at least 2")
