@@ -132,6 +132,89 @@ def identity_balanced_map(similarity: np.ndarray, labels: Sequence) -> Retrieval
 __all__ = ["RetrievalScore", "identity_balanced_map", "ranked_others"]
 
 
+# --- Estimates with their noise --------------------------------------------------------------
+#
+# A validation mAP is a mean over identities, and the identities are a sample: another
+# draw of jaguars would give another score. The intervals below resample identities with
+# replacement (percentile bootstrap, seeded, so the same scores give the same interval).
+
+LEVEL = 0.9  # the intervals' coverage
+N_BOOT = 2000
+
+
+def _resampled_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+
+
+def bootstrap_interval(per_identity: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the identity-balanced mean of ``per_identity`` (NaN: unscored, left out).
+
+    (NaN, NaN) when no identity is scored.
+    """
+    x = np.asarray(per_identity, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(_resampled_means(x, n_boot, seed), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Difference:
+    """A paired difference of two identity-balanced scores: its mean and percentile interval."""
+
+    mean: float
+    low: float
+    high: float
+    n_identities: int
+    level: float = LEVEL
+
+    @property
+    def clears_noise(self) -> bool:
+        """The whole interval lies above 0: the first score beats the second beyond the noise."""
+        return self.low > 0
+
+    def __str__(self) -> str:
+        return (f"{self.mean:+.4f} ({self.level:.0%} interval {self.low:+.4f} to {self.high:+.4f} over "
+                f"{self.n_identities} identities)")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
+                      seed: int = 0) -> Difference:
+    """``a - b`` scored on the same identities (``a[i]``, ``b[i]``: identity i), with a paired bootstrap.
+
+    Resampling identities keeps each identity's two scores together, so what the identities
+    share (an easy jaguar is easy for both) cancels and only the difference's own noise is left.
+    Identities unscored in either (NaN) are left out.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise JaguarKitError(f"paired difference: {len(a)} scores against {len(b)}")
+    d = (a - b)[~(np.isnan(a) | np.isnan(b))]
+    if not len(d):
+        return Difference(float("nan"), float("nan"), float("nan"), 0, level)
+    lo, hi = np.quantile(_resampled_means(d, n_boot, seed), [(1 - level) / 2, (1 + level) / 2])
+    return Difference(float(d.mean()), float(lo), float(hi), len(d), level)
+
+
+def trailing_mean(scores: Sequence[float], window: int = 3) -> np.ndarray:
+    """Each score averaged with the ones before it, ``window`` in all (fewer at the start).
+
+    Epoch selection on this rather than on single scores: one lucky validation cannot win
+    alone, and the chosen score overstates the model's less (measured in tests/test_metrics.py).
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    idx = np.arange(1, len(x) + 1)
+    start = np.maximum(idx - window, 0)
+    return (c[idx] - c[start]) / (idx - start)
+
+
+__all__ += ["LEVEL", "Difference", "bootstrap_interval", "paired_difference", "trailing_mean"]
+
+
 # --- Open-set identification: known individuals vs. new ones ---------------------------------
 
 
