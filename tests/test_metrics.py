@@ -144,7 +144,7 @@ def test_bootstrap_interval_covers_the_score_of_other_identities():
         lo, hi = bootstrap_interval(sample, n_boot=500, seed=seed)
         assert lo <= sample.mean() <= hi
         hits += lo <= population.mean() <= hi
-    assert 0.82 <= hits / 200 <= 0.96  # measured: 0.88
+    assert 0.82 <= hits / 200 <= 0.96  # measured: 0.87
     assert bootstrap_interval([0.5, np.nan, 0.7]) == bootstrap_interval([0.5, 0.7])  # unscored: left out
     assert bootstrap_interval([0.3, 0.9], seed=1) == bootstrap_interval([0.3, 0.9], seed=1)  # seeded
     assert np.isnan(bootstrap_interval([np.nan])[0])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_run_folder_holds_config_metrics_curves_and_two_checkpoints(reference_ru
     assert {"arcface", "triplet"} <= set(metrics.columns)  # the loss parts the criterion returns
     state = load_checkpoint(reference_run / "last.pt")
     assert state["status"] == "finished" and state["epoch"] == 2
-    assert set(state["stopper"]) == {"best", "best_epoch", "bad_epochs"}
+    assert set(state["stopper"]) == {"best", "best_epoch", "bad_epochs", "recent"}
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(competition, reference_run, tmp_path):
@@ -201,3 +202,39 @@ def test_training_and_inference_share_one_split_that_never_splits_an_encounter(c
     assert len(fold.val_idx) and not set(enc[fold.train_idx]) & set(enc[fold.val_idx])
     names, _, _ = split_images(tiny_config, data, "val")
     assert names == list(train_csv["filename"].to_numpy()[fold.val_idx])  # inference validates on the same images
+
+
+def _history(gain: float, noise: float, seed: int = 0) -> list[dict]:
+    """Epoch 0 (frozen) and epoch 3 (fine-tuned) with per-identity validation mAPs of 40 identities."""
+    from jaguar_kit.train.checkpoint import VAL_BY_IDENTITY
+
+    rng = np.random.default_rng(seed)
+    frozen = rng.uniform(0.05, 0.5, 40)
+    tuned = np.clip(frozen + gain + rng.normal(0, noise, 40), 0, 1)
+    return [{"epoch": 0, "val_map": float(frozen.mean()), VAL_BY_IDENTITY: frozen.tolist()},
+            {"epoch": 3, "val_map": float(tuned.mean()), VAL_BY_IDENTITY: tuned.tolist()}]
+
+
+def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_backbone_beyond_the_noise(reference_run, tmp_path):
+    """A higher validation mean is not enough: a +0.017 that the identities' noise (sd 0.08) could give by
+    chance keeps the frozen backbone and says why; a clear gain keeps the fine-tuned model."""
+    from jaguar_kit.train.checkpoint import fine_tuning_verdict, model_source
+
+    lucky = _history(gain=0.01, noise=0.08, seed=2)  # measured +0.017, 90% interval -0.006 to +0.039
+    assert lucky[1]["val_map"] > lucky[0]["val_map"]  # the old rule would have kept it
+    keep, why = fine_tuning_verdict(lucky, 3, lucky[1]["val_map"])
+    assert not keep and "beyond the noise" in why and "90% interval" in why
+    clear = _history(gain=0.05, noise=0.03)
+    keep, why = fine_tuning_verdict(clear, 3, clear[1]["val_map"])
+    assert keep and "beats the frozen backbone by +0.05" in why
+    # model_source (what the infer kernel's FROZEN_IF_BETTER reads) and the run's summary follow the same rule
+    state = load_checkpoint(reference_run / "best.pt")
+    state["stopper"] = {**state["stopper"], "best_epoch": 3}
+    for history, expected in ((lucky, "frozen:tiny-cnn"), (clear, str(tmp_path / "best.pt"))):
+        state["history"] = history
+        torch.save(state, tmp_path / "best.pt")
+        assert model_source(tmp_path / "best.pt") == expected
+    from jaguar_kit.train.engine import TrainResult
+
+    summary = TrainResult(tmp_path, "finished", 3, lucky[1]["val_map"], lucky, lucky[0]["val_map"], "", 3).summary()
+    assert "does not beat the frozen backbone beyond the noise" in summary and "embed with frozen:BACKBONE" in summary

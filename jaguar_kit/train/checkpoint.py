@@ -26,6 +26,7 @@ import torch
 
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: re-exported, train.engine imports it here
+from ..metrics import paired_difference
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -164,16 +165,45 @@ def copy_run(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+VAL_BY_IDENTITY = "val_map_by_identity"  # a history row's per-identity validation mAP (sorted identities)
+
+
+def fine_tuning_verdict(history: list[dict[str, Any]], best_epoch: int, best_map: float) -> tuple[bool, str]:
+    """(keep the fine-tuned model, why): does the model of ``best_epoch`` beat the frozen backbone (epoch 0)?
+
+    The rule: the fine-tuned model is kept only when it beats the frozen backbone beyond the
+    noise of the validation identities: the paired bootstrap over identities of (fine-tuned
+    minus frozen) per-identity mAP, on the same validation images, has its whole 90% interval
+    above 0 (``metrics.paired_difference``). Otherwise the simpler model, the frozen
+    backbone, stands. Without a frozen baseline (random initial weights) the fine-tuned
+    model is all there is; a run recorded before per-identity scores compares ``best_map``
+    with the frozen mean, as before.
+    """
+    rows = {int(r["epoch"]): r for r in history if "epoch" in r}
+    frozen, tuned = rows.get(0), rows.get(best_epoch)
+    if frozen is None:
+        return True, "no frozen baseline to compare with"
+    if tuned is None or VAL_BY_IDENTITY not in frozen or VAL_BY_IDENTITY not in tuned:
+        keep = best_map > frozen["val_map"]
+        return keep, (f"best validation mAP {best_map:.4f} {'beats' if keep else 'does not beat'} the frozen "
+                      f"backbone's {frozen['val_map']:.4f} (a run without per-identity scores: means compared)")
+    d = paired_difference(tuned[VAL_BY_IDENTITY], frozen[VAL_BY_IDENTITY])
+    if d.clears_noise:
+        return True, f"fine-tuning (epoch {best_epoch}) beats the frozen backbone by {d}"
+    return False, (f"fine-tuning (epoch {best_epoch}) does not beat the frozen backbone beyond the noise: {d}, "
+                   "which includes 0")
+
+
 def model_source(checkpoint: str | Path) -> str:
     """What to embed with: the checkpoint, or ``frozen:BACKBONE`` when its run's fine-tuning did
-    not beat the frozen backbone on the same validation images (epoch 0 of ``metrics.csv``)."""
+    not beat the frozen backbone beyond the noise (:func:`fine_tuning_verdict`)."""
     state = load_checkpoint(checkpoint, verify=False)
-    frozen = next((r["val_map"] for r in state.get("history", []) if r.get("epoch") == 0), None)
-    best = float(state["stopper"]["best"])
-    if frozen is None or best > frozen:
+    keep, why = fine_tuning_verdict(state.get("history", []), int(state["stopper"]["best_epoch"]),
+                                    float(state["stopper"]["best"]))
+    if keep:
         return str(checkpoint)
     model = state["config"]["model"]
-    lost = f"{checkpoint}: its best validation mAP {best:.4f} does not beat the frozen backbone's {frozen:.4f}"
+    lost = f"{checkpoint}: {why}"
     if model.get("init_from"):  # that backbone came from another run: no frozen:NAME rebuilds it
         print(f"{lost}, which came from {model['init_from']}; embedding with the checkpoint anyway")
         return str(checkpoint)

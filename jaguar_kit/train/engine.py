@@ -53,16 +53,18 @@ from ..errors import JaguarKitError, plain_message
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
 from ..kaggle.env import advice, input_roots, prepared_dir
 from ..losses import ReIDCriterion
-from ..metrics import identity_balanced_map
+from ..metrics import bootstrap_interval, identity_balanced_map, trailing_mean
 from ..models import build_model
 from ..optim import build_optimizer, build_scheduler
 from .checkpoint import (
     BEST,
     LAST,
+    VAL_BY_IDENTITY,
     RunLock,
     capture_rng,
     copy_run,
     find_attached_runs,
+    fine_tuning_verdict,
     NonFiniteWeights,
     load_checkpoint,
     non_finite_tensors,
@@ -74,22 +76,33 @@ from .memory import MemoryPlan, fit_batch, probe_step
 CHECKPOINT_EVERY_S = 15 * 60  # a time-based `last.pt` between epochs, for hard kills
 EXTENDABLE = ("train.epochs", "train.patience")  # how long to train: may change when resuming
 CHECKPOINT_FORMAT = 2
+SELECT_WINDOW = 3  # validations averaged to judge an epoch (EarlyStopping)
 
 
 @dataclass
 class EarlyStopping:
-    """Patience on validation mAP; its state travels inside the checkpoint."""
+    """Patience on validation mAP; its state travels inside the checkpoint.
+
+    An epoch is judged by the mean of its validation mAP and the ``window - 1`` before it
+    (``metrics.trailing_mean``): the best model is the last of the best stretch of
+    ``window`` validations, so one lucky validation cannot win alone, and ``best`` (that
+    mean) overstates the chosen model less than a single best score would.
+    """
 
     patience: int
     min_delta: float
     best: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    window: int = SELECT_WINDOW
+    recent: list[float] = field(default_factory=list)  # the last window - 1 scores
 
     def update(self, score: float, epoch: int) -> bool:
         """Record an epoch's score; True if it is a new best."""
-        if score > self.best + self.min_delta:
-            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+        self.recent = [*self.recent, float(score)][-self.window:]
+        smoothed = float(trailing_mean(self.recent, self.window)[-1])
+        if smoothed > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = smoothed, epoch, 0
             return True
         self.bad_epochs += 1
         return False
@@ -99,10 +112,12 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "recent": list(self.recent)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = float(d["best"]), int(d["best_epoch"]), int(d["bad_epochs"])
+        self.recent = [float(x) for x in d.get("recent", [])]
 
 
 class TrainModule(nn.Module):
@@ -168,6 +183,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     frozen_map: float | None = None  # the frozen backbone's own features on the same split (epoch 0)
     stop_reason: str = ""  # interrupted: "SIGINT" (Ctrl-C), "SIGTERM" or "time budget"
+    best_epoch: int = -1  # the epoch of best.pt
 
     @property
     def best_checkpoint(self) -> Path:
@@ -175,13 +191,11 @@ class TrainResult:
 
     def summary(self) -> str:
         best = "n/a" if self.best_map is None else f"{self.best_map:.4f}"
-        text = f"{self.run_dir}: {self.status} after {self.epochs_done} epochs, best val mAP {best}"
+        text = (f"{self.run_dir}: {self.status} after {self.epochs_done} epochs, best val mAP {best} "
+                f"(mean of {SELECT_WINDOW} validations)")
         if self.frozen_map is not None and self.best_map is not None:
-            if self.best_map > self.frozen_map:
-                text += f" (frozen backbone {self.frozen_map:.4f}: +{self.best_map - self.frozen_map:.4f})"
-            else:
-                text += (f"; fine-tuning did NOT beat the frozen backbone ({self.frozen_map:.4f}): "
-                         "embed with frozen:BACKBONE instead, or train with a lower train.lr")
+            keep, why = fine_tuning_verdict(self.history, self.best_epoch, self.best_map)
+            text += f"; {why}" if keep else f"; {why}: embed with frozen:BACKBONE, or train with a lower train.lr"
         return text
 
 
@@ -631,9 +645,9 @@ class Trainer:
 
     def validate_frozen(self) -> None:
         """Epoch 0: what the pretrained backbone's own features score on the same split, the yardstick."""
-        score_map, rank1 = self.validate(frozen=True)
-        self.state.history.append({"epoch": 0, "val_map": score_map, "val_rank1": rank1})
-        print(f"epoch 0 (frozen backbone): val mAP {score_map:.4f}  rank-1 {rank1:.4f}")
+        row = {"epoch": 0, **self.validate(frozen=True)}
+        self.state.history.append(row)
+        print(f"epoch 0 (frozen backbone):{_val_text(row)}")
 
     def close_finished(self) -> TrainResult:
         """Extended to no more epochs than are done: mark finished, write, report."""
@@ -745,7 +759,7 @@ class Trainer:
         improved = False
         has_val = len(self.data.val_idx) > 0
         if self.is_main and has_val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
-            row["val_map"], row["val_rank1"] = self.validate()
+            row.update(self.validate())
             improved = s.stopper.update(row["val_map"], epoch)
         elif not has_val:
             improved = True  # no validation: the newest model is the best we know
@@ -768,8 +782,9 @@ class Trainer:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def validate(self, frozen: bool = False) -> tuple[float, float]:
-        """Identity-balanced mAP and rank-1 on the validation images (EMA weights when kept)."""
+    def validate(self, frozen: bool = False) -> dict[str, Any]:
+        """Identity-balanced mAP (with its bootstrap interval over identities) and rank-1 on the validation
+        images (EMA weights when kept), plus each identity's mAP (``VAL_BY_IDENTITY``) for paired comparisons."""
         s = self.state
         model: nn.Module = s.ema.module if s.ema is not None and not frozen else s.model
         if frozen:
@@ -784,7 +799,10 @@ class Trainer:
         if not np.isfinite(emb).all():  # the model diverged, not the metric
             raise self._diverged("the validation embeddings are not finite")
         score = identity_balanced_map(emb @ emb.T, self.data.identities[self.data.val_idx])
-        return score.map, score.rank1
+        per_identity = score.per_identity["map"].astype(float).tolist()
+        lo, hi = bootstrap_interval(per_identity)
+        return {"val_map": score.map, "val_map_lo": lo, "val_map_hi": hi, "val_rank1": score.rank1,
+                VAL_BY_IDENTITY: per_identity}
 
     def checkpoint(self, path: Path) -> None:
         """Write the run's state to ``path`` (rank 0); non-finite weights stop the run instead."""
@@ -833,16 +851,22 @@ def _result(run_dir: Path, status: str, epochs: int, stopper: EarlyStopping, his
             stop_reason: str = "") -> TrainResult:
     frozen = next((r["val_map"] for r in history if r.get("epoch") == 0), None)
     best = None if stopper.best == -math.inf else stopper.best
-    return TrainResult(run_dir, status, epochs, best, history, frozen, stop_reason)
+    return TrainResult(run_dir, status, epochs, best, history, frozen, stop_reason, stopper.best_epoch)
 
 
-def _epoch_line(row: dict[str, float], improved: bool) -> str:
-    val = "" if math.isnan(row["val_map"]) else f"  val mAP {row['val_map']:.4f}  rank-1 {row['val_rank1']:.4f}"
-    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f}{val}{'  *best*' if improved else ''}"
+def _val_text(row: dict[str, Any]) -> str:
+    if math.isnan(row["val_map"]):
+        return ""
+    interval = f" (90% {row['val_map_lo']:.4f}-{row['val_map_hi']:.4f})" if "val_map_lo" in row else ""
+    return f"  val mAP {row['val_map']:.4f}{interval}  rank-1 {row['val_rank1']:.4f}"
 
 
-def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
-    df = pd.DataFrame(history)
+def _epoch_line(row: dict[str, Any], improved: bool) -> str:
+    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f}{_val_text(row)}{'  *best*' if improved else ''}"
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    df = pd.DataFrame([{k: v for k, v in row.items() if k != VAL_BY_IDENTITY} for row in history])
     atomic_write_text(run_dir / "metrics.csv", df.to_csv(index=False))
     try:
         from ..viz import save_training_curves
