@@ -109,7 +109,7 @@ SPLITS = ["test"]  # what submission reads; add "train" for the submit notebook'
 # as many images again as the test set (the validation fold, ~380 real images), minutes on a T4.
 VALIDATION = True  # also embed each run's validation fold for the submit notebook's TUNE (and PSEUDO_LABELS)
 MEASURE_TTA = False  # True: score none / hflip / flip4 on the attached run's validation fold first
-FROZEN_IF_BETTER = True  # a run whose fine-tuning did not beat its frozen backbone (epoch 0) embeds with that backbone
+FROZEN_IF_BETTER = True  # a run whose fine-tuning did not beat its frozen backbone beyond the noise embeds with it
 OVERRIDES = []  # more settings, written as described above (embed.tta, embed.chunk_size, ...)
 
 # %% [markdown]
