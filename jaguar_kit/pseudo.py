@@ -188,6 +188,8 @@ def write_pseudo_competition(data_dir: str | Path, pseudo: pd.DataFrame, out_dir
     for name, _, src in rows:
         _link(src, img_dir / name)
     table = pd.DataFrame({"filename": [r[0] for r in rows], "ground_truth": [r[1] for r in rows]})
+    if (keep["encounter"] != "").any():  # given encounters stay; pseudo-labelled photos get theirs inferred
+        table["encounter"] = [*map(str, keep["encounter"]), *[""] * len(pseudo)]
     atomic_write_text(out / "train.csv", table.to_csv(index=False))
     return out
 

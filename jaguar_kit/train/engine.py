@@ -95,7 +95,7 @@ class EarlyStopping:
     best_epoch: int = -1
     bad_epochs: int = 0
     window: int = SELECT_WINDOW
-    recent: list[float] = field(default_factory=list)  # the last window - 1 scores
+    recent: list[float] = field(default_factory=list)  # the last `window` scores
 
     def update(self, score: float, epoch: int) -> bool:
         """Record an epoch's score; True if it is a new best."""
@@ -192,7 +192,7 @@ class TrainResult:
     def summary(self) -> str:
         best = "n/a" if self.best_map is None else f"{self.best_map:.4f}"
         text = (f"{self.run_dir}: {self.status} after {self.epochs_done} epochs, best val mAP {best} "
-                f"(mean of {SELECT_WINDOW} validations)")
+                f"(mean of up to {SELECT_WINDOW} validations)")
         if self.frozen_map is not None and self.best_map is not None:
             keep, why = fine_tuning_verdict(self.history, self.best_epoch, self.best_map)
             text += f"; {why}" if keep else f"; {why}: embed with frozen:BACKBONE, or train with a lower train.lr"
