@@ -290,3 +290,26 @@ def test_encounters_inferred_as_near_duplicates_of_one_identity(tmp_path: Path) 
     assert ids[0] == ids[2] != ids[1]
     assert enc[0] == enc[2]
     assert len(set(enc)) == len(enc) - 1  # every other photo is its own encounter
+
+
+def test_photo_hashes_are_cached_by_file_and_redone_when_a_file_changes(tmp_path: Path, monkeypatch) -> None:
+    """Training and inference hash each photo once: a second pass reads the cache, a changed file is rehashed."""
+    import os
+
+    from jaguar_kit.data import encounters
+
+    root = make_comp(tmp_path, ids=2, per_id=2)
+    paths = sorted((root / "train" / "train").iterdir())
+    cache = tmp_path / "cache" / encounters.HASH_CACHE
+    first = encounters.image_hashes(paths, cache)
+    assert cache.is_file() and first.shape == (4, 256)
+    calls = []
+    real = encounters.image_hash
+    monkeypatch.setattr(encounters, "image_hash", lambda p: calls.append(p) or real(p))
+    assert np.array_equal(encounters.image_hashes(paths, cache), first) and calls == []
+    _png(paths[0], seed=99)
+    os.utime(paths[0], ns=(1, 1))  # another file: another size or time
+    again = encounters.image_hashes(paths, cache)
+    assert calls == [paths[0]] and np.array_equal(again[1:], first[1:])
+    cache.write_text("{not json")  # a damaged cache is rebuilt, not an error
+    assert np.array_equal(encounters.image_hashes(paths, cache), again)

@@ -17,10 +17,17 @@ what an encounter shares) in grey at 17 x 16 pixels: cheap, deterministic and to
 On the synthetic encounters photos of one encounter differ in 34 bits (median; 90%: 55),
 photos of other encounters of the same identity in 99 or more, unrelated photos in about
 half (128).
+
+Decoding a full 3000 x 2000 PNG costs ~0.2-0.5 s, so hashes are computed on threads (OpenCV
+releases the GIL) and kept in ``encounter_hashes.json`` in the prepared-image cache, keyed by
+each file's path, size and modification time: training and inference hash a photo once.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +35,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ..files import atomic_write_text
+from ..kaggle.env import prepared_dir
 from .images import decode_image
+
+HASH_CACHE = "encounter_hashes.json"
 
 HASH_SIZE = 16  # a 16 x 16 grid of horizontal differences: 256 bits
 NEAR_DUPLICATE_BITS = 64  # at most this many differing bits (of 256, a quarter): one encounter
@@ -40,6 +51,34 @@ def image_hash(path: str | Path) -> np.ndarray:
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     small = cv2.resize(grey, (HASH_SIZE + 1, HASH_SIZE), interpolation=cv2.INTER_AREA).astype(np.int16)
     return (small[:, 1:] > small[:, :-1]).ravel()
+
+
+def image_hashes(paths: Sequence[str | Path], cache: Path | None = None) -> np.ndarray:
+    """:func:`image_hash` of each path, (N, 256) booleans, through the cache file ``cache`` (None: none)."""
+    def key(p: str | Path) -> str:
+        st = os.stat(p)
+        return f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}"
+
+    keys = [key(p) for p in paths]
+    known: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = dict(json.loads(cache.read_text()))
+        except (OSError, ValueError, TypeError):
+            known = {}  # a damaged cache is rebuilt
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    if todo:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for i, h in zip(todo, pool.map(image_hash, [paths[i] for i in todo])):
+                known[keys[i]] = np.packbits(h).tobytes().hex()
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache, json.dumps(known))
+            except OSError:
+                pass  # a cache that cannot be written only costs time
+    bits = [np.unpackbits(np.frombuffer(bytes.fromhex(known[k]), np.uint8)).astype(bool) for k in keys]
+    return np.stack(bits) if bits else np.zeros((0, HASH_SIZE**2), bool)
 
 
 def near_duplicate_groups(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
@@ -61,10 +100,10 @@ def near_duplicate_groups(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BIT
 
 
 def infer_encounters(identities: Sequence[str], paths: Sequence[str | Path],
-                     max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
+                     max_bits: int = NEAR_DUPLICATE_BITS, cache: Path | None = None) -> np.ndarray:
     """Each photo's inferred encounter: near-duplicate groups within its identity (module docstring)."""
     ids = np.asarray([str(i) for i in identities])
-    hashes = np.stack([image_hash(p) for p in paths]) if len(paths) else np.zeros((0, HASH_SIZE**2), bool)
+    hashes = image_hashes(list(paths), cache)
     out = np.empty(len(ids), dtype=object)
     for identity in np.unique(ids):
         rows = np.flatnonzero(ids == identity)
@@ -72,20 +111,22 @@ def infer_encounters(identities: Sequence[str], paths: Sequence[str | Path],
     return out
 
 
-def train_encounters(train: pd.DataFrame) -> np.ndarray:
+def train_encounters(train: pd.DataFrame, cache: Path | None = None) -> np.ndarray:
     """Each training photo's encounter: train.csv's where given, inferred for the others.
 
     ``train`` is ``Competition.train`` (identity, path, encounter). Photos with an empty
     encounter cell are grouped among themselves by :func:`infer_encounters`; inferred names
-    start with ``~`` so they never meet a given one.
+    start with ``~`` so they never meet a given one. ``cache``: the hash cache file
+    (None: :data:`HASH_CACHE` in the prepared-image cache).
     """
     given = train["encounter"].astype(str).to_numpy() if "encounter" in train else np.full(len(train), "")
     out = given.astype(object)
     missing = np.flatnonzero(given == "")
     if len(missing):
-        out[missing] = infer_encounters(train["identity"].to_numpy()[missing], train["path"].to_numpy()[missing])
+        out[missing] = infer_encounters(train["identity"].to_numpy()[missing], train["path"].to_numpy()[missing],
+                                        cache=cache if cache is not None else prepared_dir() / HASH_CACHE)
     return out
 
 
-__all__ = ["HASH_SIZE", "NEAR_DUPLICATE_BITS", "image_hash", "near_duplicate_groups", "infer_encounters",
-           "train_encounters"]
+__all__ = ["HASH_SIZE", "NEAR_DUPLICATE_BITS", "HASH_CACHE", "image_hash", "image_hashes", "near_duplicate_groups",
+           "infer_encounters", "train_encounters"]
