@@ -360,7 +360,7 @@ def _subfolder_competition(competition: Path, root: Path) -> Path:
     shutil.copytree(competition / "test", root / "test")
     shutil.copyfile(competition / "test.csv", root / "test.csv")
     rows = []
-    for name, ident, path in comp.train.itertuples(index=False):
+    for name, ident, path in comp.train[["filename", "identity", "path"]].itertuples(index=False):
         rel = f"{ident}/{name}"
         (root / "train" / ident).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, root / "train" / rel)

@@ -187,6 +187,7 @@ def test_training_and_inference_share_one_split_that_never_splits_an_encounter(c
     """train.csv names encounters: the run records them, and the engine and `embed --split val` hold out
     the same images, whole encounters only."""
     from jaguar_kit.pipeline import split_images
+    from jaguar_kit.data.encounters import train_encounters
     from jaguar_kit.train.engine import _fold_data, training_table
 
     data = tmp_path / "data"
@@ -195,13 +196,18 @@ def test_training_and_inference_share_one_split_that_never_splits_an_encounter(c
     train_csv["encounter"] = train_csv.groupby("ground_truth").cumcount().floordiv(3).astype(str)  # bursts of 3
     train_csv["encounter"] = train_csv["ground_truth"] + "/" + train_csv["encounter"]
     train_csv.to_csv(data / "train.csv", index=False)
-    comp, table = training_table(data)
-    assert table["encounters"] == dict(zip(train_csv["filename"], train_csv["encounter"]))  # recorded in the run
-    fold = _fold_data(tiny_config, comp, tmp_path / "prepared", False, table["encounters"])
+    comp, _ = training_table(data)
+    encounters = dict(zip(train_csv["filename"], train_csv["encounter"]))
+    assert dict(zip(comp.train["filename"], train_encounters(comp.train))) == encounters
+    fold = _fold_data(tiny_config, comp, tmp_path / "prepared", False, encounters)
     enc = train_csv["encounter"].to_numpy()
     assert len(fold.val_idx) and not set(enc[fold.train_idx]) & set(enc[fold.val_idx])
     names, _, _ = split_images(tiny_config, data, "val")
     assert names == list(train_csv["filename"].to_numpy()[fold.val_idx])  # inference validates on the same images
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.time_budget_h = 1e-9  # one step, then a clean stop: enough to write last.pt
+    train(cfg, data, tmp_path / "run", prepared_root=tmp_path / "prepared", progress=False, resume_roots=[])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["data"]["encounters"] == encounters  # recorded in the run
 
 
 def _history(gain: float, noise: float, seed: int = 0) -> list[dict]:

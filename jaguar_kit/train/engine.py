@@ -256,14 +256,14 @@ class FoldData:
 def training_table(data_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     """The validated competition and the run's record of its training table.
 
-    The record (``images``: filename -> identity; ``encounters``: filename -> encounter, given
-    or inferred, which the folds never split) goes into every checkpoint, so a resume can say
-    exactly what changed in ``train.csv`` since the run started.
+    The record (``images``: filename -> identity) goes into every checkpoint, so a resume can
+    say exactly what changed in ``train.csv`` since the run started; the trainer adds
+    ``encounters`` (filename -> encounter, given or inferred, which the folds never split)
+    once the weights are resolved, since inferring them reads every image.
     """
     comp = load_competition(data_dir, check_images=True)
     names = list(map(str, comp.train["filename"]))
-    return comp, {"images": dict(zip(names, map(str, comp.train["identity"]))),
-                  "encounters": dict(zip(names, map(str, train_encounters(comp.train))))}
+    return comp, {"images": dict(zip(names, map(str, comp.train["identity"])))}
 
 
 def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool,
@@ -589,8 +589,12 @@ class Trainer:
             print(f"weights: {model.weights_report.summary()}")
 
         if saved is not None and "encounters" not in saved.get("data", {}):  # its split is image-wise: keep it
-            self.table = table = {k: v for k, v in table.items() if k != "encounters"}
-        self.data = data = _fold_data(cfg, comp, prepared_root, progress, table.get("encounters"))
+            encounters = None
+        else:
+            names = map(str, comp.train["filename"])
+            encounters = dict(zip(names, map(str, train_encounters(comp.train))))
+            self.table = table = {**table, "encounters": encounters}
+        self.data = data = _fold_data(cfg, comp, prepared_root, progress, encounters)
         if len(data.classes) < 2:
             raise JaguarKitError(f"only {len(data.classes)} identity in the training split of train.csv; "
                                  "re-identification training needs at least 2")
