@@ -155,10 +155,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, sections: tuple[str, ...] = ("data", "model", "loss", "train")) -> str:
-        """Hash of what decides a training run's result (not paths or budgets).
-
-        Resume only continues a checkpoint with the same fingerprint.
-        """
+        """Hash of what decides a training run's result (not paths or budgets): equal for two
+        configs that train the same run (the resume check names the differing settings themselves)."""
         picked = {s: values for s, values in self.result_fields(sections).items()}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 

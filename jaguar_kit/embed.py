@@ -96,6 +96,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def input_config(model: torch.nn.Module) -> tuple[tuple[int, int], tuple, tuple]:
+    """``((height, width), mean, std)`` the model's images are resized and normalised to."""
+    cfg = getattr(model, "data_config", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    return size, tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+
+
+def cache_key(model: torch.nn.Module, weights_id: str | None = None) -> str:
+    """The embedding cache folder of a model: its weights digest and input size.
+
+    The same weights embed at any size (a CNN) and give other vectors at each: each size
+    has its own folder, so no size's chunks replace another's.
+    """
+    (h, w), _, _ = input_config(model)
+    return f"{weights_id or weights_digest(model)}-{h}x{w}"
+
+
 @dataclass
 class EmbedResult:
     names: list[str]
@@ -175,9 +192,8 @@ def embed_images(
     if dup is not None:
         raise JaguarKitError(f"embed {tag}: image name {dup!r} is listed twice")
     views = TTA_VIEWS[tta]
-    cfg = getattr(model, "data_config", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
-    transform = build_transform(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), train=False)
+    size, mean, std = input_config(model)
+    transform = build_transform(size, mean, std, train=False)
     base = json.dumps(
         {"weights": weights_id or weights_digest(model), "views": views, "input": size, "prep": preprocessing or {}},
         sort_keys=True,

@@ -98,27 +98,24 @@ def embed_split(
     ``model_source`` is a training checkpoint (its config decides the preprocessing and the
     validation fold), or ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled
     features (the baseline). ``cfg`` supplies the embedding settings (TTA, chunk size) and,
-    for ``frozen:``, the data ones.
-    Chunks live in ``cache_dir/<weights digest>/``; chunks of the same weights found under
+    for ``frozen:``, the data and model ones (:func:`~jaguar_kit.models.loading.load_model`).
+    Chunks live in ``cache_dir/<weights digest and input size>/``; chunks of the same weights found under
     ``seed_roots`` (a previous session's output attached as an input) are copied in first,
     so a new session continues where the last one stopped.
     """
+    # torch, timm and OpenCV load on first use: the CLI's light paths import this module
     from .data.prepare import prepare_images
     from .device import select_device
-    from .embed import embed_images, weights_digest
-    from .models import build_frozen_model
-    from .train.checkpoint import load_model_from_checkpoint
+    from .embed import cache_key, embed_images, weights_digest
+    from .models.loading import load_model
 
     info = select_device(device)
     source = str(model_source)
-    if source.startswith("frozen:"):
-        run_cfg = cfg or Config()
-        model = build_frozen_model(source.split(":", 1)[1], run_cfg.model.weights).to(info.device).eval()
-    else:
-        model, run_cfg = load_model_from_checkpoint(source, info.device)
+    model, run_cfg = load_model(source, cfg, info.device)
     digest = weights_digest(model)
-    cache_dir = Path(cache_dir) / digest
-    _seed_cache(cache_dir, digest, seed_roots)
+    key = cache_key(model, digest)
+    cache_dir = Path(cache_dir) / key
+    _seed_cache(cache_dir, key, seed_roots)
     embed_cfg = (cfg or run_cfg).embed
     names, paths, _ = split_images(run_cfg, data_dir, split)
     d = run_cfg.data
@@ -133,13 +130,14 @@ def embed_split(
     return Embeddings(result.names, result.embeddings, source)
 
 
-def _seed_cache(cache_dir: Path, digest: str, roots: Sequence[Path]) -> None:
-    """Copy finished chunks of these weights from attached outputs into the working cache."""
+def _seed_cache(cache_dir: Path, key: str, roots: Sequence[Path]) -> None:
+    """Copy finished chunks of this model (its :func:`~jaguar_kit.embed.cache_key`) from attached outputs
+    into the working cache."""
     import shutil
 
     from .kaggle.env import find_folders
 
-    for src_dir in find_folders(lambda f: f.path.name == digest, [Path(r) for r in roots]):
+    for src_dir in find_folders(lambda f: f.path.name == key, [Path(r) for r in roots]):
         if src_dir.resolve() == cache_dir.resolve():
             continue
         cache_dir.mkdir(parents=True, exist_ok=True)
