@@ -40,13 +40,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Config, apply_overrides, config_from_dict
+from .config import Config, apply_overrides
 from .data.competition import load_competition
 from .errors import JaguarKitError
 from .files import atomic_path, atomic_write_text, file_sha256
 from .kaggle.env import advice, default_cache_dir, input_roots, prepared_dir
 from .pipeline import Embeddings, embed_split, find_outputs, split_images
-from .train.checkpoint import BEST, LAST, copy_run, load_checkpoint
+from .train.checkpoint import BEST, LAST, copy_run, read_checkpoint
 
 # In a round's run folder from its start: its checkpoints never start another round.
 PSEUDO_MARKER = "pseudo_round.json"
@@ -249,7 +249,7 @@ def pseudo_label_round(
         raise JaguarKitError(f"{checkpoint}: checkpoint not found")
     if len(pseudo) == 0:
         raise JaguarKitError("pseudo-labels: no test image passed the threshold; nothing to train on")
-    cfg = config_from_dict(load_checkpoint(checkpoint)["config"])
+    cfg = read_checkpoint(checkpoint).run_config
     exclude: list[str] = []
     if exclude_validation and cfg.data.fold >= 0:
         exclude = split_images(cfg, data_dir, "val")[0]

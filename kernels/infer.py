@@ -158,20 +158,21 @@ if MEASURE_TTA:
 # %%
 import json
 
-from jaguar_kit.config import config_from_dict
 from jaguar_kit.local import image_digest
+from jaguar_kit.models.backbones import frozen_backbone
 from jaguar_kit.pipeline import write_json
-from jaguar_kit.train.checkpoint import load_checkpoint, model_source
+from jaguar_kit.train.checkpoint import model_source, read_checkpoint
 
 MANIFEST = {"tta": cfg.embed.tta, "models": []}
 for i, checkpoint in enumerate(CHECKPOINTS):
     source = model_source(checkpoint) if FROZEN_IF_BETTER else checkpoint
-    run = config_from_dict(load_checkpoint(checkpoint, verify=False)["config"])
+    run = read_checkpoint(checkpoint, verify=False).run_config
     model_cfg = cfg
-    if str(source).startswith("frozen:"):  # the run's images and fold, not this notebook's defaults
+    if frozen_backbone(source) is not None:  # the run's images, fold and input size, not this notebook's defaults
         model_cfg = copy.deepcopy(cfg)
         model_cfg.data = copy.deepcopy(run.data)
         model_cfg.data.workers = cfg.data.workers
+        model_cfg.model.img_size = run.model.img_size  # the size its frozen baseline was validated at
     splits = list(SPLITS)
     if VALIDATION and run.data.fold >= 0:
         splits.append("val")
