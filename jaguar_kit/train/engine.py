@@ -50,7 +50,7 @@ from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError, plain_message
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
-from ..kaggle.env import advice, input_roots, prepared_dir
+from ..kaggle.env import advice, input_roots, default_prepared_root
 from ..losses import ReIDCriterion
 from ..metrics import bootstrap_interval, identity_balanced_map, trailing_mean
 from ..models import build_model
@@ -551,7 +551,7 @@ def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_roo
         return _result(run_dir, saved.status, saved.epoch, stopper, saved.history)
 
     trainer = Trainer(cfg, info, run_dir, comp, table, saved, rank, world, progress, t_start,
-                      Path(prepared_root) if prepared_root else prepared_dir())
+                      Path(prepared_root) if prepared_root else default_prepared_root())
     if saved is not None:
         trainer.resume(saved, plan)
         del saved
