@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import JaguarKitError
+from .files import atomic_write_text
 
 # Field metadata: "logistics" fields (where and how a run executes, not what it computes) are
 # left out of the config fingerprint, so changing them never blocks resuming a run.
@@ -170,8 +171,6 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        from .files import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -262,7 +261,7 @@ def load_config(path: str | Path) -> Config:
                              "passed with --checkpoint or --model, not --config") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+            import yaml  # optional (PyYAML): only a .yaml config needs it
 
             data = yaml.safe_load(text) or {}
         else:

@@ -15,6 +15,9 @@ from typing import Any
 
 from ..errors import JaguarKitError
 
+# timm and torch load inside the three functions that ask timm about a name outside the
+# catalogue: the catalogue and the frozen: source parser are read on light paths too.
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
