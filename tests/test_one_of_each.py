@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,8 @@ def test_the_open_set_call_and_the_photo_embeddings_have_their_own_names():
     with pytest.warns(DeprecationWarning, match="jk.embed_photos is now jk.photo_embeddings"):
         with pytest.raises(AttributeError, match="alpha_mode"):  # reached photo_embeddings, which needs a Model
             jk.embed_photos(None, [])
+
+
+def test_a_worker_that_dies_stops_the_pool_in_one_line():
+    with pytest.raises(JaguarKitError, match="a worker process died"):
+        list(run_tasks(os._exit, [3, 4, 5], workers=2))
