@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import JaguarKitError
-from .files import atomic_write_text
 
 # Field metadata: "logistics" fields (where and how a run executes, not what it computes) are
 # left out of the config fingerprint, so changing them never blocks resuming a run.
@@ -171,6 +170,8 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
+        from .files import atomic_write_text  # files imports numpy: the config (and the CLI's parser) stays light
+
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 

@@ -104,13 +104,13 @@ def test_one_pool_runner_gives_the_same_results_in_process_and_in_a_pool():
 def test_one_chunk_loader_reads_only_a_chunk_made_for_this_input(tmp_path):
     path = tmp_path / "c.npz"
     save_chunk(path, "fp", ["a", "b"], "chunk-write", embeddings=np.ones((2, 3), np.float32))
-    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",))["embeddings"].shape == (2, 3)
-    assert load_chunk(path, "other", ["a", "b"], ("embeddings",)) is None  # other settings or pictures
-    assert load_chunk(path, "fp", ["b", "a"], ("embeddings",)) is None  # other names
-    assert load_chunk(path, "fp", ["a", "b"], ("checksum",)) is None  # not what the reader needs
+    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",), "chunk")["embeddings"].shape == (2, 3)
+    assert load_chunk(path, "other", ["a", "b"], ("embeddings",), "chunk") is None  # other settings or pictures
+    assert load_chunk(path, "fp", ["b", "a"], ("embeddings",), "chunk") is None  # other names
+    assert load_chunk(path, "fp", ["a", "b"], ("checksum",), "chunk") is None  # not what the reader needs
     path.write_bytes(path.read_bytes()[:40])  # torn
-    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",)) is None
-    assert load_chunk(tmp_path / "none.npz", "fp", ["a", "b"], ("embeddings",)) is None
+    assert load_chunk(path, "fp", ["a", "b"], ("embeddings",), "chunk") is None
+    assert load_chunk(tmp_path / "none.npz", "fp", ["a", "b"], ("embeddings",), "chunk") is None
 
 
 def test_the_open_set_call_and_the_photo_embeddings_have_their_own_names():
