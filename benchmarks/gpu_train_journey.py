@@ -60,7 +60,8 @@ def main() -> None:
     os.environ.pop("JAGUAR_KIT_FAULT")
     saved = read_checkpoint(run / "last.pt")
     result["ctrl_c"] = {"status": first.status, "stop_reason": first.stop_reason,
-                        "saved_step": saved.state["global_step"], "memory_plan": saved.memory_plan, "seconds": round(time.perf_counter() - t, 1)}
+                        "saved_step": saved.state["global_step"], "memory_plan": saved.memory_plan,
+                        "seconds": round(time.perf_counter() - t, 1)}
 
     t = time.perf_counter()
     second = train(cfg, data, run, progress=False, resume_roots=[])
