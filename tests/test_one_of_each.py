@@ -28,7 +28,7 @@ def _tiny_checkpoint(path, *overrides: str) -> Config:
     """A checkpoint as the trainer writes it (a tiny untrained model), without training."""
     cfg = apply_overrides(Config(), [*TINY_OVERRIDES, *overrides])
     state = {"model": build_model(cfg.model).state_dict(), "ema": None, "status": "finished", "epoch": 1,
-             "history": [{"epoch": 0, "val_map": 0.5}], "stopper": {"best": 0.6}}
+             "history": [{"epoch": 0, "val_map": 0.5}], "stopper": {"best": 0.6, "best_epoch": 1}}
     save_checkpoint(path, Checkpoint(cfg.to_dict(), state, ["a", "b"], {"train.p": 4}, {"images": {}}).to_dict())
     return cfg
 
@@ -38,7 +38,7 @@ def test_checkpoint_reads_back_what_it_wrote_and_old_files_still_read(tmp_path):
     ckpt = read_checkpoint(tmp_path / "best.pt")
     assert ckpt.to_dict().keys() == load_checkpoint(tmp_path / "best.pt").keys()
     assert (ckpt.classes, ckpt.memory_plan, ckpt.status, ckpt.epoch) == (["a", "b"], {"train.p": 4}, "finished", 1)
-    assert ckpt.run_config == cfg and ckpt.frozen_map == 0.5 and ckpt.best_map == 0.6
+    assert ckpt.run_config == cfg and ckpt.best_epoch == 1 and ckpt.best_map == 0.6
     old = {**ckpt.to_dict(), "fingerprint": cfg.fingerprint()}  # what 0.2.0 wrote, never read
     assert Checkpoint.from_dict(old).to_dict() == ckpt.to_dict()
 
