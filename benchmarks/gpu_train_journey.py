@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from jaguar_kit.config import Config, apply_overrides  # noqa: E402
 from jaguar_kit.data.synth import generate_competition  # noqa: E402
 from jaguar_kit.pipeline import embed_split  # noqa: E402
-from jaguar_kit.train.checkpoint import load_checkpoint  # noqa: E402
+from jaguar_kit.train.checkpoint import read_checkpoint  # noqa: E402
 from jaguar_kit.train.engine import train  # noqa: E402
 
 T4_BYTES = 15 * 1024**3
@@ -58,16 +58,18 @@ def main() -> None:
     t = time.perf_counter()
     first = train(cfg, data, run, progress=False, resume_roots=[])
     os.environ.pop("JAGUAR_KIT_FAULT")
-    saved = load_checkpoint(run / "last.pt")
-    result["ctrl_c"] = {"status": first.status, "stop_reason": first.stop_reason, "saved_step": saved["global_step"],
-                        "memory_plan": saved["memory_plan"], "seconds": round(time.perf_counter() - t, 1)}
+    saved = read_checkpoint(run / "last.pt")
+    result["ctrl_c"] = {"status": first.status, "stop_reason": first.stop_reason,
+                        "saved_step": saved.state["global_step"], "memory_plan": saved.memory_plan,
+                        "seconds": round(time.perf_counter() - t, 1)}
 
     t = time.perf_counter()
     second = train(cfg, data, run, progress=False, resume_roots=[])
     seconds = time.perf_counter() - t
     history = [r for r in second.history if r["epoch"] > 0]
-    steps = load_checkpoint(run / "last.pt")["global_step"] - saved["global_step"]
-    p = load_checkpoint(run / "last.pt")["config"]["train"]["p"]
+    last = read_checkpoint(run / "last.pt")
+    steps = last.state["global_step"] - saved.state["global_step"]
+    p = last.run_config.train.p
     result["resumed"] = {"status": second.status, "epochs": second.epochs_done, "best_val_map": second.best_map,
                          "frozen_val_map": second.frozen_map, "steps": steps, "seconds": round(seconds, 1),
                          "train_images_per_s_incl_validation": round(steps * p * cfg.train.k / seconds, 1),

@@ -1,15 +1,17 @@
 """jaguar_kit: animal re-identification for Kaggle's jaguar-re-id and camera-trap collections.
 
 ``import jaguar_kit as jk`` is cheap (no torch, numpy or pandas yet); the script-level calls
-are loaded on first use: ``jk.load_model``, ``jk.embed_photos``, ``jk.read_photos``,
+are loaded on first use: ``jk.load_model``, ``jk.photo_embeddings``, ``jk.read_photos``,
 ``jk.build_catalogue``, ``jk.load_catalogue``, ``jk.update_catalogue``, ``jk.identify``,
-``jk.cluster``, ``jk.score``, ``jk.write_report`` (see :mod:`jaguar_kit.api`).
+``jk.cluster``, ``jk.evaluate_open_set``, ``jk.write_report`` (see :mod:`jaguar_kit.api`); the
+0.2 names ``jk.embed_photos`` and ``jk.score`` still work, with a DeprecationWarning.
 """
 
 from .version import __version__
 
 _API = (
     "load_model",
+    "photo_embeddings",
     "embed_photos",
     "read_photos",
     "build_catalogue",
@@ -17,6 +19,7 @@ _API = (
     "update_catalogue",
     "identify",
     "cluster",
+    "evaluate_open_set",
     "score",
     "write_report",
     "write_group_folders",

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .photos.catalogue import Catalogue, build_catalogue, catalogue_model, load_catalogue
 from .photos.cluster import Clustering, cluster
-from .photos.evaluate import evaluate_open_set
+from .photos.evaluate import evaluate_open_set as _evaluate_open_set
 from .photos.folders import write_group_folders
 from .photos.identify import Identification, identify
 from .photos.inputs import Photo, read_photos
@@ -28,8 +29,8 @@ from .photos.model import embed_photos as embed_photos_cached
 from .photos.report import write_cluster_report, write_identify_report
 
 
-def embed_photos(model: Model, images: Sequence[str | Path | Photo] | str | Path, cache_dir: str | Path | None = None,
-          progress: bool = False) -> np.ndarray:
+def photo_embeddings(model: Model, images: Sequence[str | Path | Photo] | str | Path,
+                     cache_dir: str | Path | None = None, progress: bool = False) -> np.ndarray:
     """L2-normalised embeddings (N, D) of image files, ``Photo`` objects, or a folder / CSV of photos.
 
     Rows follow the input order. ``cache_dir`` keeps prepared photos and embeddings between
@@ -57,11 +58,28 @@ def update_catalogue(catalogue: Catalogue | str | Path, photos, model: Model | N
     return build_catalogue(photos, model, cat.folder, target_false_merge=target, progress=progress)
 
 
-def score(embeddings: np.ndarray, identities: Sequence[str], new_share: float = 0.3, seed: int = 0,
-          target_false_merge: float = 0.05) -> dict:
+def evaluate_open_set(embeddings: np.ndarray, identities: Sequence[str], new_share: float = 0.3, seed: int = 0,
+                      target_false_merge: float = 0.05) -> dict:
     """Open-set figures on an identity-disjoint split (see :func:`jaguar_kit.photos.evaluate.evaluate_open_set`)."""
-    return evaluate_open_set(np.asarray(embeddings, np.float32), identities, new_share=new_share, seed=seed,
+    return _evaluate_open_set(np.asarray(embeddings, np.float32), identities, new_share=new_share, seed=seed,
                              target_false_merge=target_false_merge)
+
+
+def _renamed(old: str, new, why: str):
+    """``new`` under its 0.2 name ``old``, with a DeprecationWarning; removed in 0.3."""
+    def call(*args, **kwargs):
+        warnings.warn(f"jk.{old} is now jk.{new.__name__} ({why}); the old name goes in 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = old
+    call.__doc__ = f"Renamed :func:`{new.__name__}` (kept for 0.2 scripts)."
+    return call
+
+
+embed_photos = _renamed("embed_photos", photo_embeddings,
+                        "photos.model.embed_photos is the cached one returning keys, vectors and files")
+score = _renamed("score", evaluate_open_set, "pipeline.score is the competition mAP")
 
 
 def write_report(result: Identification | Clustering, path: str | Path) -> Path:
@@ -75,9 +93,11 @@ __all__ = [
     "build_catalogue",
     "cluster",
     "embed_photos",
+    "evaluate_open_set",
     "identify",
     "load_catalogue",
     "load_model",
+    "photo_embeddings",
     "read_photos",
     "score",
     "update_catalogue",

@@ -83,13 +83,13 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from .kaggle.env import default_cache_dir, is_kaggle, prepared_dir
+    from .kaggle.env import default_cache_dir, is_kaggle, default_prepared_root
     from .pipeline import embed_split
 
     cfg = _config(args)
     out = Path(args.out)
     cache = Path(cfg.embed.cache_dir or (default_cache_dir() if is_kaggle() else out / "cache"))
-    prepared = Path(args.prepared) if args.prepared else prepared_dir()
+    prepared = Path(args.prepared) if args.prepared else default_prepared_root()
     for split in args.split:
         emb = embed_split(args.checkpoint, args.data, split, cache, prepared, cfg, device=cfg.train.device,
                           progress=not args.quiet)

@@ -155,10 +155,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self, sections: tuple[str, ...] = ("data", "model", "loss", "train")) -> str:
-        """Hash of what decides a training run's result (not paths or budgets).
-
-        Resume only continues a checkpoint with the same fingerprint.
-        """
+        """Hash of what decides a training run's result (not paths or budgets): equal for two
+        configs that train the same run (the resume check names the differing settings themselves)."""
         picked = {s: values for s, values in self.result_fields(sections).items()}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -172,7 +170,7 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        from .files import atomic_write_text
+        from .files import atomic_write_text  # files imports numpy: the config (and the CLI's parser) stays light
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -264,7 +262,7 @@ def load_config(path: str | Path) -> Config:
                              "passed with --checkpoint or --model, not --config") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+            import yaml  # optional (PyYAML): only a .yaml config needs it
 
             data = yaml.safe_load(text) or {}
         else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +29,8 @@ from tqdm.auto import tqdm
 from .data.dataset import ImageDataset, build_transform, loader_safe_opencv, worker_init
 from .config import Tta, check_choice
 from .errors import JaguarKitError, plain_message
-from .files import atomic_path, fault_point, file_sha256, load_npz, remove_stale_temporaries
-
-log = logging.getLogger(__name__)
+from .chunks import chunk_fingerprint, load_chunk, save_chunk
+from .files import file_digest, remove_stale_temporaries
 
 TTA_VIEWS = {
     "none": ("none",),
@@ -96,27 +94,29 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def input_config(model: torch.nn.Module) -> tuple[tuple[int, int], tuple, tuple]:
+    """``((height, width), mean, std)`` the model's images are resized and normalised to."""
+    cfg = getattr(model, "data_config", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    return size, tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+
+
+def cache_key(model: torch.nn.Module, weights_id: str | None = None) -> str:
+    """The embedding cache folder of a model: its weights digest and input size.
+
+    The same weights embed at any size (a CNN) and give other vectors at each: each size
+    has its own folder, so no size's chunks replace another's.
+    """
+    (h, w), _, _ = input_config(model)
+    return f"{weights_id or weights_digest(model)}-{h}x{w}"
+
+
 @dataclass
 class EmbedResult:
     names: list[str]
     embeddings: np.ndarray
     computed_chunks: list[int]
     reused_chunks: list[int]
-
-
-def chunk_fingerprint(base: str, names: Sequence[str], contents: Sequence[str] = ()) -> str:
-    """What a chunk was made from: settings and weights (``base``), names, image digests."""
-    return hashlib.sha256(json.dumps([base, list(names), list(contents)]).encode()).hexdigest()[:24]
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (the image an embedding was computed from)."""
-    try:
-        return file_sha256(path)
-    except FileNotFoundError:
-        raise JaguarKitError(f"{path}: image to embed not found (removed after it was prepared?)") from None
-    except OSError as e:
-        raise JaguarKitError(f"{path}: cannot read image to embed ({e.strerror or e})") from e
 
 
 def _checksum(emb: np.ndarray) -> str:
@@ -126,17 +126,13 @@ def _checksum(emb: np.ndarray) -> str:
 
 def _load_chunk(path: Path, fingerprint: str, names: Sequence[str]) -> np.ndarray | None:
     """The chunk's embeddings if the file is complete, intact and made for exactly this input."""
-    try:
-        z = load_npz(path, ("fingerprint", "names", "embeddings", "checksum"), "jaguar_kit embedding chunk")
-    except JaguarKitError as e:
-        log.warning("%s; computing it again", e)
+    got = load_chunk(path, fingerprint, names, ("embeddings", "checksum"), "jaguar_kit embedding chunk")
+    if got is None:
         return None
-    if str(z["fingerprint"]) != fingerprint or list(z["names"]) != list(names):
-        return None
-    emb, checksum = z["embeddings"], str(z["checksum"])
+    emb = got["embeddings"]
     if emb.ndim != 2 or emb.shape[0] != len(names) or emb.dtype != np.float32 or not np.isfinite(emb).all():
         return None
-    if checksum != _checksum(emb):  # rewritten by something else than this module
+    if str(got["checksum"]) != _checksum(emb):  # rewritten by something else than this module
         return None
     return emb
 
@@ -175,9 +171,8 @@ def embed_images(
     if dup is not None:
         raise JaguarKitError(f"embed {tag}: image name {dup!r} is listed twice")
     views = TTA_VIEWS[tta]
-    cfg = getattr(model, "data_config", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
-    transform = build_transform(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), train=False)
+    size, mean, std = input_config(model)
+    transform = build_transform(size, mean, std, train=False)
     base = json.dumps(
         {"weights": weights_id or weights_digest(model), "views": views, "input": size, "prep": preprocessing or {}},
         sort_keys=True,
@@ -194,20 +189,16 @@ def embed_images(
     for c in range(n_chunks):
         sl = slice(c * chunk_size, (c + 1) * chunk_size)
         chunk_names, chunk_paths = list(names[sl]), list(paths[sl])
-        fp = chunk_fingerprint(base, chunk_names, [file_digest(p) for p in chunk_paths])
+        fp = chunk_fingerprint(base, chunk_names, [file_digest(p, what="image to embed") for p in chunk_paths])
         path = cache_dir / f"{tag}_{c:05d}.npz"
-        emb = _load_chunk(path, fp, chunk_names) if path.exists() else None
+        emb = _load_chunk(path, fp, chunk_names)
         if emb is None:
             ds = ImageDataset(chunk_paths, None, transform)
             # batch_size counts images per forward pass, views included: the views of an image
             # go through together, and a forward costs (and holds) the same whatever the TTA.
             emb = compute_embeddings(model, ds, device, views, max(1, batch_size // len(views)), amp_dtype=amp_dtype)
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    emb = emb.astype(np.float32)
-                    np.savez_compressed(f, embeddings=emb, names=np.array(chunk_names), fingerprint=np.array(fp),
-                                        checksum=np.array(_checksum(emb)))
-                    fault_point("chunk-write")
+            emb = emb.astype(np.float32)
+            save_chunk(path, fp, chunk_names, "chunk-write", embeddings=emb, checksum=np.array(_checksum(emb)))
             computed.append(c)
         else:
             reused.append(c)

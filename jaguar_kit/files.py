@@ -96,6 +96,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path, length: int = 64, what: str = "file") -> str:
+    """The first ``length`` hex digits of :func:`file_sha256`: the one digest of a file for
+    every cache and manifest (images, prepared files, photos, checkpoints). A missing or
+    unreadable file is one line saying what the file was for (``what``)."""
+    try:
+        return file_sha256(path)[:length]
+    except FileNotFoundError:
+        raise JaguarKitError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise JaguarKitError(f"{path}: cannot read {what} ({e.strerror or e})") from e
+
+
 def is_inside(path: str | Path, root: str | Path) -> bool:
     """True if ``path``, with every link resolved, lies in ``root`` (or is it): a name
     joined to a folder may not lead out of it through ``..``, a separator or a link."""

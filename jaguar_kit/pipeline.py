@@ -6,18 +6,30 @@ embeddings, ``submission.csv``, PNGs), so a kernel cell is one call.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .config import Config, RetrievalConfig
+from .data.folds import fold_split
 from .errors import JaguarKitError
-from .files import atomic_path, load_npz
+from .files import atomic_path, atomic_write_text, load_npz
+from .kaggle.env import find_files, find_folders
+from .metrics import identity_balanced_map
+from .submission import write_submission
+from .viz import save_retrieval_grid
+
+# OpenCV (data.competition, data.images, data.prepare, retrieval's local verification) and torch
+# (device, embed, models) load inside the functions that use them: photos.evaluate and the CLI's
+# light paths import this module.
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +73,8 @@ class Embeddings:
 
 def split_images(cfg: Config, data_dir: str | Path, split: str) -> tuple[list[str], list[Path], list[str] | None]:
     """(names, source paths, identities or None) of a split: train, val (the config's fold), test."""
-    from .data.competition import load_competition
-    from .data.encounters import train_encounters
-    from .data.folds import fold_split
+    from .data.competition import load_competition  # OpenCV: deferred (see the imports)
+    from .data.encounters import train_encounters  # OpenCV: deferred
 
     comp = load_competition(data_dir)
     if split == "test":
@@ -98,27 +109,23 @@ def embed_split(
     ``model_source`` is a training checkpoint (its config decides the preprocessing and the
     validation fold), or ``frozen:BACKBONE`` for a frozen pretrained backbone's own pooled
     features (the baseline). ``cfg`` supplies the embedding settings (TTA, chunk size) and,
-    for ``frozen:``, the data ones.
-    Chunks live in ``cache_dir/<weights digest>/``; chunks of the same weights found under
+    for ``frozen:``, the data and model ones (:func:`~jaguar_kit.models.loading.load_model`).
+    Chunks live in ``cache_dir/<weights digest and input size>/``; chunks of the same weights found under
     ``seed_roots`` (a previous session's output attached as an input) are copied in first,
     so a new session continues where the last one stopped.
     """
-    from .data.prepare import prepare_images
+    from .data.prepare import prepare_images  # torch and OpenCV: deferred (see the imports)
     from .device import select_device
-    from .embed import embed_images, weights_digest
-    from .models import build_frozen_model
-    from .train.checkpoint import load_model_from_checkpoint
+    from .embed import cache_key, embed_images, weights_digest
+    from .models.loading import load_model
 
     info = select_device(device)
     source = str(model_source)
-    if source.startswith("frozen:"):
-        run_cfg = cfg or Config()
-        model = build_frozen_model(source.split(":", 1)[1], run_cfg.model.weights).to(info.device).eval()
-    else:
-        model, run_cfg = load_model_from_checkpoint(source, info.device)
+    model, run_cfg = load_model(source, cfg, info.device)
     digest = weights_digest(model)
-    cache_dir = Path(cache_dir) / digest
-    _seed_cache(cache_dir, digest, seed_roots)
+    key = cache_key(model, digest)
+    cache_dir = Path(cache_dir) / key
+    _seed_cache(cache_dir, key, seed_roots)
     embed_cfg = (cfg or run_cfg).embed
     names, paths, _ = split_images(run_cfg, data_dir, split)
     d = run_cfg.data
@@ -133,13 +140,10 @@ def embed_split(
     return Embeddings(result.names, result.embeddings, source)
 
 
-def _seed_cache(cache_dir: Path, digest: str, roots: Sequence[Path]) -> None:
-    """Copy finished chunks of these weights from attached outputs into the working cache."""
-    import shutil
-
-    from .kaggle.env import find_folders
-
-    for src_dir in find_folders(lambda f: f.path.name == digest, [Path(r) for r in roots]):
+def _seed_cache(cache_dir: Path, key: str, roots: Sequence[Path]) -> None:
+    """Copy finished chunks of this model (its :func:`~jaguar_kit.embed.cache_key`) from attached outputs
+    into the working cache."""
+    for src_dir in find_folders(lambda f: f.path.name == key, [Path(r) for r in roots]):
         if src_dir.resolve() == cache_dir.resolve():
             continue
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -155,16 +159,12 @@ def find_outputs(roots: Sequence[Path], pattern: str) -> list[Path]:
     The inputs' one bounded walk, shallowest first; a file reached twice (through a link,
     or a root inside another) is listed once.
     """
-    from fnmatch import fnmatch
-
-    from .kaggle.env import find_files
-
     return [p.resolve() for p in find_files(lambda name: fnmatch(name, pattern), [Path(r) for r in roots])]
 
 
 def similarity(sets: Sequence[Embeddings], cfg: RetrievalConfig, device: str | None = None) -> tuple[list[str], np.ndarray]:
     """Final all-vs-all similarity of one or several models' embeddings of the same images."""
-    from .retrieval import final_similarity
+    from .retrieval import final_similarity  # OpenCV and torch: deferred (see the imports)
 
     names = sets[0].names
     aligned = [s.subset(names).vectors for s in sets]
@@ -178,7 +178,7 @@ def read_labels(path: str | Path) -> dict[str, str]:
     stripped, ``NA``/``null`` kept as identities. A file named twice with two identities,
     or an empty name or identity, is refused in one line naming the CSV line.
     """
-    from .data.competition import read_csv_checked
+    from .data.competition import read_csv_checked  # OpenCV: deferred (see the imports)
 
     df = read_csv_checked(Path(path), ("filename", "ground_truth"))
     labels: dict[str, str] = {}
@@ -206,10 +206,6 @@ def score(sets: Sequence[Embeddings], labels: dict[str, str], cfg: RetrievalConf
     Only the embedded images with a label are scored; how many had none is returned
     (``n_images``, ``n_unlabelled`` in each entry) and, with ``warn``, logged as a warning.
     """
-    import copy
-
-    from .metrics import identity_balanced_map
-
     missing = unlabelled(sets, labels)
     names = [n for n in sets[0].names if n in labels]
     if len(names) < 2:
@@ -245,8 +241,7 @@ def submit(
     prepared_root: str | Path | None = None,
 ) -> Path:
     """``submission.csv`` for the competition's test pairs (and a retrieval grid)."""
-    from .data.competition import load_competition
-    from .submission import write_submission
+    from .data.competition import load_competition  # OpenCV: deferred (see the imports)
 
     comp = load_competition(data_dir, check_images=False)
     if comp.pairs is None:
@@ -261,7 +256,7 @@ def submit(
     if missing:
         raise JaguarKitError(f"{data_dir}: {len(missing)} of the {len(test_names)} test images have no embedding "
                              f"(e.g. {missing[0]!r}); embed the test split with these settings")
-    from .retrieval import Context, Pipeline  # deferred, like every torch-heavy import here
+    from .retrieval import Context, Pipeline  # OpenCV and torch: deferred (see the imports)
 
     sets = [s.subset(test_names) for s in sets]
     by_name = dict(zip(comp.test_images["filename"].astype(str), comp.test_images["path"]))
@@ -272,14 +267,11 @@ def submit(
     sim = Pipeline.from_config(cfg).run([s.vectors for s in sets], ctx)
     path = write_submission(comp.pairs, test_names, sim, out_csv)
     if grid_png is not None:
-        from .data.images import decode_image
-        from .viz import save_retrieval_grid
+        from .data.images import decode_image  # OpenCV: deferred (see the imports)
 
         save_retrieval_grid(sim, test_names, lambda n: decode_image(by_name[str(n)])[0], grid_png)
     return path
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    from .files import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=float) + "\n")

@@ -40,13 +40,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Config, apply_overrides, config_from_dict
+from .config import Config, apply_overrides
 from .data.competition import load_competition
 from .errors import JaguarKitError
-from .files import atomic_path, atomic_write_text, file_sha256
-from .kaggle.env import advice, default_cache_dir, input_roots, prepared_dir
+from .files import atomic_path, atomic_write_text, file_digest
+from .kaggle.env import advice, default_cache_dir, input_roots, default_prepared_root
 from .pipeline import Embeddings, embed_split, find_outputs, split_images
-from .train.checkpoint import BEST, LAST, copy_run, load_checkpoint
+from .train.checkpoint import BEST, LAST, copy_run, read_checkpoint
 
 # In a round's run folder from its start: its checkpoints never start another round.
 PSEUDO_MARKER = "pseudo_round.json"
@@ -249,13 +249,13 @@ def pseudo_label_round(
         raise JaguarKitError(f"{checkpoint}: checkpoint not found")
     if len(pseudo) == 0:
         raise JaguarKitError("pseudo-labels: no test image passed the threshold; nothing to train on")
-    cfg = config_from_dict(load_checkpoint(checkpoint)["config"])
+    cfg = read_checkpoint(checkpoint).run_config
     exclude: list[str] = []
     if exclude_validation and cfg.data.fold >= 0:
         exclude = split_images(cfg, data_dir, "val")[0]
     out = Path(out_dir)
     derived = write_pseudo_competition(data_dir, pseudo, Path(derived_dir) if derived_dir else out / "data", exclude)
-    digest = file_sha256(checkpoint)[:16]
+    digest = file_digest(checkpoint, 16, "checkpoint")
     round_cfg = copy.deepcopy(cfg)
     round_cfg.model.init_from = str(checkpoint.resolve())
     if resume_from is not None and (Path(resume_from) / ROUND_RUN / LAST).is_file():
@@ -376,7 +376,7 @@ def pseudo_label_ensemble(
     """
     roots = list(input_roots() if roots is None else roots)
     out = Path(out_dir)
-    prepared = Path(prepared_root) if prepared_root else prepared_dir()
+    prepared = Path(prepared_root) if prepared_root else default_prepared_root()
     attached = attached_rounds(roots)
     finished = {i: f for i, f in attached.items() if i < len(models) and round_finished(f)}
     checkpoints: dict[int, Path] = {}
@@ -402,7 +402,7 @@ def pseudo_label_ensemble(
             print("no round: submitting with the attached models (lower PSEUDO_THRESHOLD to take more)")
             todo = []
     if todo:
-        by_digest = {file_sha256(p)[:16]: p for p in find_outputs(roots, BEST)
+        by_digest = {file_digest(p, 16, "checkpoint"): p for p in find_outputs(roots, BEST)
                      if not (p.parent / PSEUDO_MARKER).is_file()}  # a round's checkpoints start no other round
     for i in todo:
         if models[i].digest not in by_digest:

@@ -121,7 +121,7 @@ import copy
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.kaggle.env import default_cache_dir, input_roots, prepared_dir, working_root
+from jaguar_kit.kaggle.env import default_cache_dir, input_roots, default_prepared_root, working_root
 from jaguar_kit.pipeline import embed_split, find_outputs, read_labels, score
 
 cfg = apply_overrides(Config(), list(OVERRIDES))
@@ -130,7 +130,7 @@ CHECKPOINTS = find_outputs([working_root(), *input_roots()], CHECKPOINT_NAME)
 if not CHECKPOINTS:
     raise JaguarKitError(f"no {CHECKPOINT_NAME} found under {', '.join(map(str, input_roots()))}: attach the "
                          "training notebook's output as an input")
-print(f"data: {DATA}\nTTA: {cfg.embed.tta}\nprepared images: {prepared_dir()}")
+print(f"data: {DATA}\nTTA: {cfg.embed.tta}\nprepared images: {default_prepared_root()}")
 for i, checkpoint in enumerate(CHECKPOINTS):
     print(f"model {i}: {checkpoint}")
 
@@ -144,7 +144,7 @@ if MEASURE_TTA:
     LABELS = read_labels(DATA / "train.csv")
     for tta in ("none", "hflip", "flip4"):
         c = apply_overrides(copy.deepcopy(cfg), [f"embed.tta={tta}"])
-        emb = embed_split(CHECKPOINTS[0], DATA, "val", default_cache_dir(), prepared_dir(), c,
+        emb = embed_split(CHECKPOINTS[0], DATA, "val", default_cache_dir(), default_prepared_root(), c,
                           seed_roots=input_roots())
         r = score([emb], LABELS, c.retrieval)["raw"]
         print(f"TTA {tta:5s}: validation mAP {r['map']:.4f}, rank-1 {r['rank1']:.4f} ({len(emb.names)} images)")
@@ -158,31 +158,32 @@ if MEASURE_TTA:
 # %%
 import json
 
-from jaguar_kit.config import config_from_dict
-from jaguar_kit.local import image_digest
+from jaguar_kit.files import file_digest
+from jaguar_kit.models.backbones import frozen_backbone
 from jaguar_kit.pipeline import write_json
-from jaguar_kit.train.checkpoint import load_checkpoint, model_source
+from jaguar_kit.train.checkpoint import model_source, read_checkpoint
 
 MANIFEST = {"tta": cfg.embed.tta, "models": []}
 for i, checkpoint in enumerate(CHECKPOINTS):
     source = model_source(checkpoint) if FROZEN_IF_BETTER else checkpoint
-    run = config_from_dict(load_checkpoint(checkpoint, verify=False)["config"])
+    run = read_checkpoint(checkpoint, verify=False).run_config
     model_cfg = cfg
-    if str(source).startswith("frozen:"):  # the run's images and fold, not this notebook's defaults
+    if frozen_backbone(source) is not None:  # the run's images, fold and input size, not this notebook's defaults
         model_cfg = copy.deepcopy(cfg)
         model_cfg.data = copy.deepcopy(run.data)
         model_cfg.data.workers = cfg.data.workers
+        model_cfg.model.img_size = run.model.img_size  # the size its frozen baseline was validated at
     splits = list(SPLITS)
     if VALIDATION and run.data.fold >= 0:
         splits.append("val")
     elif VALIDATION:
         print(f"model {i}: trained on every image (data.fold -1): no validation fold to embed")
     for split in dict.fromkeys(splits):
-        emb = embed_split(source, DATA, split, default_cache_dir(), prepared_dir(), model_cfg,
+        emb = embed_split(source, DATA, split, default_cache_dir(), default_prepared_root(), model_cfg,
                           seed_roots=input_roots())
         path = emb.save(working_root() / f"embeddings_{split}_model{i}.npz")
         print(f"model {i} {split}: {len(emb.names)} images -> {path}")
-    MANIFEST["models"].append({"model": i, "checkpoint": str(checkpoint), "digest": image_digest(checkpoint),
+    MANIFEST["models"].append({"model": i, "checkpoint": str(checkpoint), "digest": file_digest(checkpoint, 16),
                                "source": str(source), "fold": run.data.fold, "splits": list(dict.fromkeys(splits))})
 write_json(working_root() / "inference.json", MANIFEST)
 print(json.dumps(MANIFEST, indent=1))

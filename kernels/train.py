@@ -117,7 +117,7 @@ import torch
 
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
-from jaguar_kit.kaggle.env import prepared_dir, working_root
+from jaguar_kit.kaggle.env import default_prepared_root, working_root
 from jaguar_kit.train.engine import launch_ddp, train
 
 cfg = apply_overrides(Config(), [f"model.backbone={BACKBONE}", f"model.weights={WEIGHTS}", f"data.fold={FOLD}",
@@ -125,14 +125,14 @@ cfg = apply_overrides(Config(), [f"model.backbone={BACKBONE}", f"model.weights={
 DATA = find_competition_dir()  # under every input root
 RUN = working_root() / "run"
 GPUS = torch.cuda.device_count()
-print(f"data: {DATA}\nrun folder: {RUN}\nprepared images: {prepared_dir()}\nGPUs: {GPUS}")
+print(f"data: {DATA}\nrun folder: {RUN}\nprepared images: {default_prepared_root()}\nGPUs: {GPUS}")
 if GPUS > 1:
-    CONFIG = prepared_dir().parent / "train-config.json"  # scratch: the run folder holds the run's own
+    CONFIG = default_prepared_root().parent / "train-config.json"  # scratch: the run folder holds the run's own
     cfg.save(CONFIG)
-    if launch_ddp(CONFIG, DATA, RUN, nproc=GPUS, extra=["--prepared", str(prepared_dir())]) != 0:
+    if launch_ddp(CONFIG, DATA, RUN, nproc=GPUS, extra=["--prepared", str(default_prepared_root())]) != 0:
         raise RuntimeError("DDP training failed: see the log above")
 else:
-    result = train(cfg, DATA, RUN, prepared_root=prepared_dir())
+    result = train(cfg, DATA, RUN, prepared_root=default_prepared_root())
     print(result.summary())  # status, epochs, best validation mAP against the frozen backbone's (epoch 0)
 
 # %% [markdown]

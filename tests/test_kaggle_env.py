@@ -65,7 +65,7 @@ def test_input_variable_is_read_one_way(off_kaggle, monkeypatch, tmp_path):
 
 def test_prepared_images_stay_out_of_the_kaggle_output(off_kaggle, monkeypatch, tmp_path):
     monkeypatch.delenv("JAGUAR_KIT_PREPARED", raising=False)  # (the test session sets one)
-    assert env.prepared_dir() == off_kaggle / "work" / "prepared"
+    assert env.default_prepared_root() == off_kaggle / "work" / "prepared"
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     monkeypatch.setenv("JAGUAR_KIT_WORKING", str(tmp_path / "working"))
     (tmp_path / "scratch").mkdir()
@@ -73,11 +73,11 @@ def test_prepared_images_stay_out_of_the_kaggle_output(off_kaggle, monkeypatch, 
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
-    prepared = env.prepared_dir()
+    prepared = env.default_prepared_root()
     assert prepared == tmp_path / "scratch" / "jaguar_kit" / "prepared"
     assert env.working_root() not in prepared.parents
     monkeypatch.setenv("JAGUAR_KIT_PREPARED", "~/prep")
-    assert env.prepared_dir() == Path("~/prep").expanduser()
+    assert env.default_prepared_root() == Path("~/prep").expanduser()
 
 
 def test_internet_check_is_offline_safe(monkeypatch):

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ..files import atomic_write_text
-from ..kaggle.env import prepared_dir
+from ..kaggle.env import default_prepared_root
 from .images import decode_image
 
 HASH_CACHE = "encounter_hashes.json"
@@ -124,7 +124,7 @@ def train_encounters(train: pd.DataFrame, cache: Path | None = None) -> np.ndarr
     missing = np.flatnonzero(given == "")
     if len(missing):
         out[missing] = infer_encounters(train["identity"].to_numpy()[missing], train["path"].to_numpy()[missing],
-                                        cache=cache if cache is not None else prepared_dir() / HASH_CACHE)
+                                        cache=cache if cache is not None else default_prepared_root() / HASH_CACHE)
     return out
 
 

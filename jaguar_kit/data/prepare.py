@@ -55,8 +55,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import JaguarKitError
-from ..files import atomic_write_bytes, atomic_write_text, fault_point, file_sha256
+from ..files import atomic_write_bytes, atomic_write_text, fault_point, file_digest
 from ..config import AlphaMode, check_choice
+from ..processes import run_tasks
 from .images import apply_alpha_mode, decode_image_bytes, mask_is_empty
 
 log = logging.getLogger(__name__)
@@ -186,13 +187,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str | None:
-    try:
-        return file_sha256(path)
-    except OSError:
-        return None
-
-
 def _prepare_record(src: Path, dst: Path, alpha_mode: str, margin: float, size: int) -> dict:
     """Prepare one image into ``dst`` atomically; returns its manifest record (without ``file``)."""
     try:
@@ -226,10 +220,6 @@ def _work(task: tuple[str, str, str, float, int]) -> tuple[str, str | None, dict
         return src, str(e), None
     except Exception as e:  # noqa: BLE001 - reported per file, with its name
         return src, f"{src}: {type(e).__name__}: {e}", None
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one image per process; avoid oversubscribing the cores
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, dict]:
@@ -324,13 +314,16 @@ def _check_cached(src: Path, dst: Path, rec: dict | None, log_: _ManifestLog) ->
     except OSError as e:
         raise JaguarKitError(f"{src}: cannot read image ({e.strerror or e})") from e
     if (st.st_size, st.st_mtime_ns) != (rec.get("src_size"), rec.get("src_mtime_ns")):
-        if _file_sha256(src) != rec.get("src_sha256"):
+        if file_digest(src, what="image") != rec.get("src_sha256"):
             return "changed"
         try:  # same content, touched: remember the new time so it is not hashed again
             log_.append({**rec, "src_mtime_ns": st.st_mtime_ns})
         except JaguarKitError:
             pass  # a read-only cache still serves
-    if _file_sha256(dst) != rec["sha256"]:
+    try:
+        if file_digest(dst, what="prepared image") != rec["sha256"]:
+            return "damaged"
+    except JaguarKitError:  # gone or unreadable since is_file(): prepared again
         return "damaged"
     return "ok"
 
@@ -442,15 +435,7 @@ def _run(todo: list, out_dir: Path, workers: int, progress: bool, records: dict[
                         "%d workers)", script, workers)
             workers = 0
     try:
-        if workers <= 1 or len(todo) <= 1:
-            collect(map(_work, todo))
-        else:
-            # spawn, not fork: the caller may have torch/OpenMP threads running, which a
-            # forked child can deadlock on.
-            ctx = multiprocessing.get_context("spawn")
-            chunk = max(1, min(16, len(todo) // (workers * 8)))
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-                collect(pool.imap_unordered(_work, todo, chunksize=chunk))
+        collect(run_tasks(_work, todo, workers, ordered=False))
     finally:
         bar.close()
     return errors

@@ -6,12 +6,12 @@ installing the wheel); ``push`` needs jupytext and the kaggle CLI, so it is not 
 
 from .env import (
     default_cache_dir,
+    default_prepared_root,
     find_files,
     find_folders,
     input_roots,
     internet_on,
     is_kaggle,
-    prepared_dir,
     walk_inputs,
     working_root,
 )
@@ -29,7 +29,7 @@ __all__ = [
     "input_roots",
     "working_root",
     "default_cache_dir",
-    "prepared_dir",
+    "default_prepared_root",
     "internet_on",
     "walk_inputs",
     "find_folders",

@@ -7,7 +7,7 @@ path comes from here:
   (``~`` expanded; several folders separated by ``os.pathsep``). The only reader of it.
 - :func:`working_root`: the kernel's output, ``/kaggle/working`` or ``$JAGUAR_KIT_WORKING``
   (``./work`` off Kaggle).
-- :func:`prepared_dir`: the prepared-image cache, a scratch folder outside the output.
+- :func:`default_prepared_root`: the prepared-image cache, a scratch folder outside the output.
 - :func:`walk_inputs`: the one bounded walk over the inputs. Kaggle mounts the same kind of
   input at several depths (``competitions/<slug>/``, ``datasets/<owner>/<slug>/``,
   ``notebooks/<user>/<slug>/``, ``models/<owner>/<model>/<framework>/<variation>/<version>/``
@@ -78,7 +78,7 @@ def default_cache_dir() -> Path:
     return working_root() / "cache"
 
 
-def prepared_dir() -> Path:
+def default_prepared_root() -> Path:
     """Where the prepared-image cache lives (decoded, resized images; rebuilt in minutes).
 
     ``$JAGUAR_KIT_PREPARED`` if set. On Kaggle a scratch folder outside ``/kaggle/working``
@@ -217,7 +217,7 @@ __all__ = [
     "input_roots",
     "working_root",
     "default_cache_dir",
-    "prepared_dir",
+    "default_prepared_root",
     "internet_on",
     "walk_inputs",
     "find_folders",

@@ -10,9 +10,13 @@ in milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import JaguarKitError
+
+# timm and torch load inside the three functions that ask timm about a name outside the
+# catalogue: the catalogue and the frozen: source parser are read on light paths too.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -185,6 +189,25 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         family=family,
         num_prefix_tokens=_prefix_tokens_of(name) if family == "vit" else 0,
     )
+
+
+FROZEN = "frozen:"  # a model source ``frozen:NAME``: backbone NAME's pretrained features, no trained head
+
+
+def frozen_source(backbone: str) -> str:
+    """The model source that embeds with ``backbone``'s own pretrained features."""
+    return f"{FROZEN}{backbone}"
+
+
+def frozen_backbone(source: str | Path) -> str | None:
+    """The backbone a ``frozen:NAME`` source names; None for any other source (a checkpoint)."""
+    source = str(source)
+    if not source.startswith(FROZEN):
+        return None
+    name = source[len(FROZEN):].strip()
+    if not name:
+        raise JaguarKitError(f"{source!r}: frozen: needs a backbone name (e.g. frozen:efficientnet-lite0)")
+    return name
 
 
 def with_img_size(spec: BackboneSpec, img_size: int) -> BackboneSpec:

@@ -258,9 +258,14 @@ class FrozenBackbone(nn.Module):
     data_config = ReIDModel.data_config
 
 
-def build_frozen_model(backbone: str, weights: str = "auto") -> FrozenBackbone:
-    """The backbone ``backbone`` with its pretrained ``weights`` and native pooling, frozen."""
-    spec = get_backbone_spec(backbone)
+def build_frozen_model(backbone: str, weights: str = "auto", img_size: int = 0) -> FrozenBackbone:
+    """The backbone ``backbone`` with its pretrained ``weights`` and native pooling, frozen.
+
+    ``img_size`` 0 keeps the backbone's native input size.
+    """
+    if img_size < 0:
+        raise JaguarKitError(f"model.img_size={img_size}: must be 0 (native) or positive")
+    spec = with_img_size(get_backbone_spec(backbone), img_size)
     model, _ = create_backbone(spec, weights)
     frozen = FrozenBackbone(model, spec).eval()
     frozen.requires_grad_(False)

@@ -18,20 +18,91 @@ import pickle
 import random
 import shutil
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..version import __version__
+from ..config import Config, config_from_dict
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: re-exported, train.engine imports it here
+from ..kaggle.env import find_files
 from ..metrics import paired_difference
+from ..models.backbones import frozen_source
 
 LAST = "last.pt"
 BEST = "best.pt"
 RUN_FILES = ("config.json", "metrics.csv", "curves.png", BEST, LAST)  # copied in this order: last.pt last
 WEIGHT_KEYS = ("model", "criterion", "ema")
+CHECKPOINT_FORMAT = 2  # a checkpoint of another format is not resumed (its TrainState may differ)
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint: the run's metadata beside its ``TrainState.state_dict()``.
+
+    ``to_dict`` and ``from_dict`` are written side by side over the same fields, and every
+    reader goes through them: no key is written and never read, or read under another name.
+    On disk it stays one flat dict (the metadata keys next to the state's), so files written
+    before this type existed read the same.
+    """
+
+    config: dict[str, Any]  # the run's Config.to_dict()
+    state: dict[str, Any]  # TrainState.state_dict(): weights, optimiser, progress, RNG
+    classes: list[str] = field(default_factory=list)  # the ArcFace head's identities, in order
+    memory_plan: dict[str, Any] = field(default_factory=dict)  # settings the GPU memory probe changed
+    data: dict[str, Any] = field(default_factory=dict)  # the training table the run split (training_table)
+    format: int = CHECKPOINT_FORMAT
+    version: str = __version__
+
+    _META = ("format", "version", "config", "classes", "memory_plan", "data")
+    _DROPPED = ("fingerprint",)  # written until 0.2.0 and never read: the resume check compares the settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in self._META}, **self.state}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Checkpoint":
+        meta = {name: d[name] for name in cls._META if name in d}
+        state = {k: v for k, v in d.items() if k not in cls._META and k not in cls._DROPPED}
+        meta.setdefault("format", 0)  # a file without one predates the format numbers
+        meta.setdefault("version", "?")
+        return cls(state=state, **{"config": {}, **meta})
+
+    @property
+    def run_config(self) -> Config:
+        """The run's settings as a :class:`Config`."""
+        return config_from_dict(self.config)
+
+    @property
+    def status(self) -> str:
+        return self.state["status"]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state["epoch"])
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return list(self.state.get("history", []))
+
+    @property
+    def best_map(self) -> float:
+        """The best validation mAP the run reached (-inf before its first validation)."""
+        return float(self.state["stopper"]["best"])
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch whose model is ``best.pt``."""
+        return int(self.state["stopper"]["best_epoch"])
+
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """The model's weights: the EMA copy when the run kept one and ``use_ema``."""
+        ema = self.state.get("ema")
+        return ema if use_ema and ema is not None else self.state["model"]
 
 
 class NonFiniteWeights(JaguarKitError):
@@ -111,6 +182,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return state
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """:func:`load_checkpoint` as a :class:`Checkpoint`: what every reader of a run's checkpoint uses."""
+    return Checkpoint.from_dict(load_checkpoint(path, map_location, verify))
+
+
 def capture_rng() -> dict[str, Any]:
     """Every RNG the training loop touches, in a weights_only-loadable form."""
     np_state = np.random.get_state()
@@ -144,8 +220,6 @@ def find_attached_runs(run_name: str, search_roots: list[Path]) -> list[Path]:
     only a folder with the same name as this run's is a candidate, so the folds of a
     cross-validation never resume each other.
     """
-    from ..kaggle.env import find_files
-
     found = [p.parent for p in find_files(lambda name: name == LAST, roots=search_roots) if p.parent.name == run_name]
     return sorted(found, key=lambda d: (os.path.getmtime(d / LAST), str(d)), reverse=True)
 
@@ -197,34 +271,24 @@ def fine_tuning_verdict(history: list[dict[str, Any]], best_epoch: int, best_map
 def model_source(checkpoint: str | Path) -> str:
     """What to embed with: the checkpoint, or ``frozen:BACKBONE`` when its run's fine-tuning did
     not beat the frozen backbone beyond the noise (:func:`fine_tuning_verdict`)."""
-    state = load_checkpoint(checkpoint, verify=False)
-    keep, why = fine_tuning_verdict(state.get("history", []), int(state["stopper"]["best_epoch"]),
-                                    float(state["stopper"]["best"]))
+    ckpt = read_checkpoint(checkpoint, verify=False)
+    keep, why = fine_tuning_verdict(ckpt.history, ckpt.best_epoch, ckpt.best_map)
     if keep:
         return str(checkpoint)
-    model = state["config"]["model"]
+    model = ckpt.run_config.model
     lost = f"{checkpoint}: {why}"
-    if model.get("init_from"):  # that backbone came from another run: no frozen:NAME rebuilds it
-        print(f"{lost}, which came from {model['init_from']}; embedding with the checkpoint anyway")
+    if model.init_from:  # that backbone came from another run: no frozen:NAME rebuilds it
+        print(f"{lost}, which came from {model.init_from}; embedding with the checkpoint anyway")
         return str(checkpoint)
-    print(f"{lost}; embedding with frozen:{model['backbone']} instead")
-    return f"frozen:{model['backbone']}"
+    print(f"{lost}; embedding with {frozen_source(model.backbone)} instead")
+    return frozen_source(model.backbone)
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """Rebuild the model a checkpoint was trained with and load its weights.
+    """``(model, config)`` of a checkpoint: :func:`jaguar_kit.models.loading.load_model`'s checkpoint case.
 
-    Returns ``(model, config)``. The backbone is built without pretrained weights (the
-    checkpoint carries them), so nothing is fetched.
+    Kept while ``photos/model.py`` calls it; remove it once that calls ``load_model``.
     """
-    from ..config import config_from_dict
-    from ..models import build_model
+    from ..models.loading import load_model  # models.loading reads checkpoints with this module: no circle
 
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    cfg.model.weights = "none"
-    cfg.model.init_from = ""
-    model = build_model(cfg.model)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), cfg
+    return load_model(path, device=device, use_ema=use_ema)

@@ -39,8 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..version import __version__
-from ..config import Config, config_from_dict, diff_configs
+from ..config import Config, diff_configs
 from ..data.competition import load_competition
 from ..data.dataset import ImageDataset, build_transform, loader_safe_opencv, sample_seed, worker_init
 from ..data.encounters import train_encounters
@@ -51,23 +50,25 @@ from ..device import DeviceInfo, select_device
 from ..embed import compute_embeddings
 from ..errors import JaguarKitError, plain_message
 from ..files import atomic_write_text, fault_point, remove_stale_temporaries
-from ..kaggle.env import advice, input_roots, prepared_dir
+from ..kaggle.env import advice, input_roots, default_prepared_root
 from ..losses import ReIDCriterion
 from ..metrics import bootstrap_interval, identity_balanced_map, trailing_mean
 from ..models import build_model
 from ..optim import build_optimizer, build_scheduler
 from .checkpoint import (
     BEST,
+    CHECKPOINT_FORMAT,
     LAST,
     VAL_BY_IDENTITY,
+    Checkpoint,
     RunLock,
     capture_rng,
     copy_run,
     find_attached_runs,
     fine_tuning_verdict,
     NonFiniteWeights,
-    load_checkpoint,
     non_finite_tensors,
+    read_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -75,7 +76,6 @@ from .memory import MemoryPlan, fit_batch, probe_step
 
 CHECKPOINT_EVERY_S = 15 * 60  # a time-based `last.pt` between epochs, for hard kills
 EXTENDABLE = ("train.epochs", "train.patience")  # how long to train: may change when resuming
-CHECKPOINT_FORMAT = 2
 SELECT_WINDOW = 3  # validations averaged to judge an epoch (EarlyStopping)
 
 
@@ -364,12 +364,11 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
         attached = candidates[0]
         plan.checkpoint = attached / LAST  # checked where it lies: nothing is copied into the output before
 
-    meta = load_checkpoint(plan.checkpoint, verify=False)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise JaguarKitError(f"{plan.checkpoint}: written by jaguar_kit {meta.get('version', '?')} in another "
+    meta = read_checkpoint(plan.checkpoint, verify=False)
+    if meta.format != CHECKPOINT_FORMAT:
+        raise JaguarKitError(f"{plan.checkpoint}: written by jaguar_kit {meta.version} in another "
                              "checkpoint format; start a new run (train.resume=never) or use model.init_from")
-    old = config_from_dict(meta["config"])
-    changes = diff_configs(_requested(old, {}), _requested(cfg, meta.get("memory_plan", {})))
+    changes = diff_configs(_requested(meta.run_config, {}), _requested(cfg, meta.memory_plan))
     refused = [c for c in changes if c[0] not in EXTENDABLE]
     if refused:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
@@ -380,7 +379,7 @@ def plan_resume(cfg: Config, run_dir: Path, table: dict[str, Any], search_roots:
     if changes:
         plan.extended = True
         plan.messages.append("changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in changes))
-    old_images = meta.get("data", {}).get("images", {})
+    old_images = meta.data.get("images", {})
     if old_images and old_images != table["images"]:
         what = _table_changes(old_images, table["images"])
         if not tc.accept_data_change:
@@ -537,22 +536,22 @@ def _train_locked(cfg: Config, data_dir: str | Path, run_dir: Path, prepared_roo
         dist.barrier()
         if not is_main:  # rank 0 has checked and copied; the others follow the run folder
             plan = ResumePlan(run_dir / LAST if (run_dir / LAST).is_file() else None)
-    saved = load_checkpoint(plan.checkpoint) if plan.checkpoint is not None else None
-    if saved is not None and saved["status"] != "running" and not plan.extended:
+    saved = read_checkpoint(plan.checkpoint) if plan.checkpoint is not None else None
+    if saved is not None and saved.status != "running" and not plan.extended:
         # A finished run attached again: re-published whole, nothing prepared or retrained.
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if plan.checkpoint != run_dir / LAST:
                 copy_run(plan.checkpoint.parent, run_dir)
-            _write_metrics(run_dir, saved["history"])
-            print(f"this run is already {saved['status'].replace('_', ' ')} after {saved['epoch']} epochs "
+            _write_metrics(run_dir, saved.history)
+            print(f"this run is already {saved.status.replace('_', ' ')} after {saved.epoch} epochs "
                   f"(kept in {run_dir}); raise train.epochs to train longer")
         stopper = EarlyStopping(tc.patience, tc.min_delta)
-        stopper.load_state_dict(saved["stopper"])
-        return _result(run_dir, saved["status"], saved["epoch"], stopper, saved["history"])
+        stopper.load_state_dict(saved.state["stopper"])
+        return _result(run_dir, saved.status, saved.epoch, stopper, saved.history)
 
     trainer = Trainer(cfg, info, run_dir, comp, table, saved, rank, world, progress, t_start,
-                      Path(prepared_root) if prepared_root else prepared_dir())
+                      Path(prepared_root) if prepared_root else default_prepared_root())
     if saved is not None:
         trainer.resume(saved, plan)
         del saved
@@ -571,12 +570,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, info: DeviceInfo, run_dir: Path, comp: Any, table: dict[str, Any],
-                 saved: dict[str, Any] | None, rank: int, world: int, progress: bool, t_start: float,
+                 saved: Checkpoint | None, rank: int, world: int, progress: bool, t_start: float,
                  prepared_root: Path) -> None:
         tc = cfg.train
         self.cfg, self.info, self.run_dir, self.table = cfg, info, run_dir, table
         self.rank, self.world, self.is_main, self.progress, self.t_start = rank, world, rank == 0, progress, t_start
-        self.memory_plan: dict[str, Any] = dict(saved.get("memory_plan", {})) if saved else {}
+        self.memory_plan: dict[str, Any] = dict(saved.memory_plan) if saved else {}
         _apply(cfg, self.memory_plan)
 
         _seed_everything(tc.seed)
@@ -588,7 +587,7 @@ class Trainer:
         if self.is_main and model.weights_report is not None:
             print(f"weights: {model.weights_report.summary()}")
 
-        if saved is not None and "encounters" not in saved.get("data", {}):  # its split is image-wise: keep it
+        if saved is not None and "encounters" not in saved.data:  # its split is image-wise: keep it
             encounters = None
         else:
             names = map(str, comp.train["filename"])
@@ -598,7 +597,7 @@ class Trainer:
         if len(data.classes) < 2:
             raise JaguarKitError(f"only {len(data.classes)} identity in the training split of train.csv; "
                                  "re-identification training needs at least 2")
-        if saved is not None and list(saved["classes"]) != list(data.classes):
+        if saved is not None and list(saved.classes) != list(data.classes):
             raise JaguarKitError(f"{run_dir / LAST}: trained on other identities than this fold's; start a new run")
 
         criterion = ReIDCriterion(cfg.loss, cfg.model.embedding_dim, len(data.classes))
@@ -638,8 +637,8 @@ class Trainer:
 
     # --- starting points ---------------------------------------------------------------
 
-    def resume(self, saved: dict[str, Any], plan: ResumePlan) -> None:
-        self.state.load_state_dict(saved)
+    def resume(self, saved: Checkpoint, plan: ResumePlan) -> None:
+        self.state.load_state_dict(saved.state)
         if plan.extended:
             _extend(self.state, self.cfg, self.steps_per_epoch, self.warmup_steps, self.head_steps,
                     announce=self.is_main)
@@ -812,10 +811,8 @@ class Trainer:
         """Write the run's state to ``path`` (rank 0); non-finite weights stop the run instead."""
         if not self.is_main:
             return
-        cfg = self.cfg
-        payload = {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.to_dict(),
-                   "fingerprint": cfg.fingerprint(), "classes": list(map(str, self.data.classes)),
-                   "memory_plan": self.memory_plan, "data": self.table, **self.state.state_dict()}
+        payload = Checkpoint(self.cfg.to_dict(), self.state.state_dict(), list(map(str, self.data.classes)),
+                             self.memory_plan, self.table).to_dict()
         try:
             save_checkpoint(path, payload)
         except NonFiniteWeights as e:
