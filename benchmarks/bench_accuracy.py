@@ -210,9 +210,9 @@ def main() -> None:
         from jaguar_kit.data.prepare import prepare_images
         from jaguar_kit.embed import embed_images, weights_digest
         from jaguar_kit.pipeline import Embeddings
-        from jaguar_kit.train.checkpoint import load_model_from_checkpoint
+        from jaguar_kit.models.loading import load_model
 
-        model, _ = load_model_from_checkpoint(rnd.best_checkpoint, "cpu")
+        model, _ = load_model(rnd.best_checkpoint, device="cpu")
 
         def embed_round(names, paths):
             d = cfg.data

@@ -48,19 +48,13 @@ def load_model(source: str | Path, device: str = "auto", weights: str = "auto", 
     # torch-heavy modules load on first use: `import jaguar_kit.photos` stays light for the CLI's error paths
     from ..device import select_device
     from ..embed import weights_digest
+    from ..models.loading import load_model as load_source
 
     info = select_device(device)
     source = str(source)
-    if source.startswith("frozen:"):
-        from ..models import build_frozen_model
-
-        cfg = Config()
-        module = build_frozen_model(source.split(":", 1)[1], weights)
-    else:
-        from ..train.checkpoint import load_model_from_checkpoint
-
-        module, cfg = load_model_from_checkpoint(source, info.device)
-    module = module.to(info.device).eval()
+    wanted = Config()
+    wanted.model.weights = weights
+    module, cfg = load_source(source, wanted, info.device)
     d = cfg.data
     return Model(module, source, weights_digest(module), d.alpha_mode, float(d.crop_margin),
                  int(prepared_size or d.prepared_size), tta, info.device, info.amp_dtype)

@@ -282,13 +282,3 @@ def model_source(checkpoint: str | Path) -> str:
         return str(checkpoint)
     print(f"{lost}; embedding with {frozen_source(model.backbone)} instead")
     return frozen_source(model.backbone)
-
-
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """``(model, config)`` of a checkpoint: :func:`jaguar_kit.models.loading.load_model`'s checkpoint case.
-
-    Kept while ``photos/model.py`` calls it; remove it once that calls ``load_model``.
-    """
-    from ..models.loading import load_model  # models.loading reads checkpoints with this module: no circle
-
-    return load_model(path, device=device, use_ema=use_ema)
