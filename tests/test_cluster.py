@@ -52,6 +52,28 @@ def test_average_linkage_beats_single_linkage_on_unseen_individuals():
     assert average["pair_recall"] >= single["pair_recall"]
 
 
+@pytest.mark.parametrize("linkage", ["average", "single"])
+def test_linkage_threshold_equals_cutting_and_scoring_the_tree_at_every_height(linkage):
+    """The one-pass replay of the merges gives the cut a brute-force search over every height gives."""
+    from scipy.cluster.hierarchy import fcluster, linkage as build
+    from scipy.spatial.distance import squareform
+
+    for noise, seed, target in ((0.5, 0, 0.05), (1.1, 1, 0.05), (1.4, 2, 0.2), (2.5, 3, 0.05)):
+        x, y = gaussian_embeddings(n_ids=12, per=6, noise=noise, seed=seed)
+        x = np.concatenate([x, x[:6]])  # exact duplicates: merges at tied heights
+        y = list(y) + list(y[:6])
+        d = np.clip(1 - x.astype(np.float64) @ x.T.astype(np.float64), 0, 2)
+        np.fill_diagonal(d, 0)
+        z = build(squareform((d + d.T) / 2, checks=False), linkage)
+        best = None
+        for height in np.unique(z[:, 2]):
+            if pairwise_agreement(fcluster(z, height, criterion="distance"), y)["pair_precision"] < 1 - target:
+                break
+            best = height
+        expected = 1.0 if best is None else float(np.clip(1 - best, -1, 1))
+        assert linkage_threshold(x, y, target, linkage) == expected
+
+
 def test_name_groups_by_strict_majority_and_one_group_per_known_individual():
     groups = np.array([0, 0, 0, 1, 1, 2, 3])
     decisions = ["A", "A", "B", "new", "new", "A", "new"]
