@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import JaguarKitError
 from ..files import atomic_path, atomic_write_text, is_inside
 from .cluster import Clustering
-from .inputs import file_digest, mark_kit_folder
+from .inputs import mark_kit_folder, photo_digest
 from .names import MAX_COMPONENT_BYTES, few, safe_component, short_digest
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _remove_previous(out_dir: Path) -> set[str]:
         if "link" in entry:
             ours = dst.is_symlink() and os.readlink(dst) == entry["link"]
         else:
-            ours = dst.is_file() and not dst.is_symlink() and file_digest(dst) == entry.get("digest")
+            ours = dst.is_file() and not dst.is_symlink() and photo_digest(dst) == entry.get("digest")
         if ours:
             dst.unlink()
     kept = set()

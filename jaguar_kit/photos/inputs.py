@@ -51,7 +51,7 @@ from ..data.competition import load_competition
 from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, decode_image
 from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
 from ..errors import JaguarKitError
-from ..files import atomic_write_bytes, atomic_write_text, file_sha256
+from ..files import atomic_write_bytes, atomic_write_text, file_digest
 from ..kaggle.env import walk_inputs
 from .names import few, normalise_name
 
@@ -312,17 +312,14 @@ def _read_csv(path: Path) -> list[Photo]:
 # --- content keys and the prepared cache ---------------------------------------------------
 
 
-def file_digest(path: str | Path) -> str:
+def photo_digest(path: str | Path) -> str:
     """A digest of the file's bytes (what a photo *is*, wherever it lies and whatever its name)."""
-    try:
-        return file_sha256(path)[:32]
-    except OSError as e:
-        raise JaguarKitError(f"{path}: cannot read ({e.strerror or e})") from e
+    return file_digest(path, 32, "photo")
 
 
 def photo_key(photo: Photo, digest: str | None = None) -> str:
     """The content key of a photo: its bytes' digest, plus the box if any."""
-    digest = digest or file_digest(photo.path)
+    digest = digest or photo_digest(photo.path)
     return digest if photo.box is None else f"{digest}-{'-'.join(map(str, photo.box))}"
 
 
@@ -384,7 +381,7 @@ def prepare_photos(
     keys, files, todo, seen = [], [], [], set()
     for p in tqdm(photos, desc="content keys", unit="photo", disable=not progress or len(photos) < 200, leave=False):
         if p.path not in digests:
-            digests[p.path] = file_digest(p.path)
+            digests[p.path] = photo_digest(p.path)
         key = photo_key(p, digests[p.path])
         dst = out_dir / key[:2] / f"{key}.jpg"
         keys.append(key)
