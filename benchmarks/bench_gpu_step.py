@@ -93,14 +93,8 @@ def measure(backbone: str, steps: int) -> dict:
 
     n_blocks = len(model.checkpoint_blocks()) or 1
 
-    def use(blocks: int) -> None:
-        if blocks >= n_blocks:
-            model.set_grad_checkpointing(True)
-        else:
-            model.set_checkpoint_blocks(blocks)
-
     def try_step(q: int, blocks: int) -> int | None:
-        use(blocks)
+        model.set_checkpoint_blocks(blocks)
         t = time.perf_counter()
         try:
             peak = probe_step(module, optimizer, N_CLASSES, q * k, k, size, device, torch.float16)
@@ -116,7 +110,7 @@ def measure(backbone: str, steps: int) -> dict:
     out["probe_tries"] = probes
     out["probe_chose"] = {"p": plan.p, "k": k, "checkpoint_blocks": plan.blocks, "of_blocks": n_blocks,
                           "changes": plan.changes, "message": plan.describe()}
-    use(plan.blocks)
+    model.set_checkpoint_blocks(plan.blocks)
     run = timed_steps(module, optimizer, plan.p * k, k, size, steps)
     run["fits_t4_15gib"] = run["peak_gib"] * GIB < T4_BYTES
     out["capped_t4_with_plan"] = run

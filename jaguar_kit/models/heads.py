@@ -178,15 +178,19 @@ class ReIDModel(nn.Module):
         return [m for name, m in self.backbone.named_modules() if _BLOCK_NAME.search(name)]
 
     def set_checkpoint_blocks(self, n: int) -> None:
-        """Recompute the activations of the first ``n`` blocks in backward (0: none).
+        """Recompute the activations of the first ``n`` blocks in backward (0: none; all of them: timm's own).
 
         The earliest blocks hold the largest activations in hierarchical backbones (Swin's first
         stage works on 16x more tokens than its third), so they go first. timm offers only
         all-or-nothing checkpointing; this wraps each chosen block's ``forward`` on the instance
         (no new modules, so parameter names and checkpoints stay as they are).
         """
+        blocks = self.checkpoint_blocks()
+        if n > 0 and n >= len(blocks):  # every block: timm's own checkpointing
+            self.set_grad_checkpointing(True)
+            return
         self.backbone.set_grad_checkpointing(False)
-        for i, block in enumerate(self.checkpoint_blocks()):
+        for i, block in enumerate(blocks):
             block.__dict__.pop("forward", None)  # back to the class's forward
             if i < n:
                 block.forward = types.MethodType(_recomputed_forward, block)

@@ -448,14 +448,8 @@ def _fit_memory(cfg: Config, module: TrainModule, optimizer: torch.optim.Optimiz
     size = tuple(model.data_config["input_size"][-2:])
     total = len(model.checkpoint_blocks()) or 1  # no blocks found: all or nothing (timm's own)
 
-    def use(blocks: int) -> None:
-        if blocks >= total:
-            model.set_grad_checkpointing(True)
-        else:
-            model.set_checkpoint_blocks(blocks)
-
     def try_step(p: int, blocks: int) -> int | None:
-        use(blocks)
+        model.set_checkpoint_blocks(blocks)
         return probe_step(module, optimizer, n_classes, p * tc.k, tc.k, size, info.device, info.amp_dtype)
 
     configured = total if cfg.model.grad_checkpointing else min(cfg.model.checkpoint_blocks, total)
@@ -464,7 +458,7 @@ def _fit_memory(cfg: Config, module: TrainModule, optimizer: torch.optim.Optimiz
         agreed = torch.tensor([plan.p, -plan.blocks], device=info.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         plan.p, plan.blocks = int(agreed[0]), int(-agreed[1])
-    use(plan.blocks)
+    model.set_checkpoint_blocks(plan.blocks)
     if announce:
         print(f"memory probe: {plan.describe()}")
     changes: dict[str, Any] = {}
