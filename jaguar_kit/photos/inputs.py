@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.competition import load_competition
+from ..data.competition import ENCOUNTER_COLUMNS, load_competition
 from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, decode_image
 from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
 from ..errors import JaguarKitError
@@ -80,6 +80,7 @@ class Photo:
     box: tuple[int, int, int, int] | None = None  # x, y, w, h in pixels
     name: str = ""
     origin: str = ""
+    encounter: str | None = None  # the pass in front of a camera it was taken on (CSV column), if given
 
     def __post_init__(self):
         if not self.name:
@@ -218,8 +219,8 @@ def _warn_merged_names(spellings: dict[str, set[str]], where: Path) -> None:
 def _read_competition(root: Path) -> list[Photo]:
     comp = load_competition(root, check_images=False)
     return [
-        Photo(Path(p), normalise_name(str(i)), None, str(f), f"{root / 'train.csv'} ({f})")
-        for f, i, p in zip(comp.train["filename"], comp.train["identity"], comp.train["path"])
+        Photo(Path(p), normalise_name(str(i)), None, str(f), f"{root / 'train.csv'} ({f})", str(e) or None)
+        for f, i, p, e in zip(comp.train["filename"], comp.train["identity"], comp.train["path"], comp.train["encounter"])
     ]
 
 
@@ -248,6 +249,7 @@ def _read_csv(path: Path) -> list[Photo]:
                 path_col = _pick(header, PATH_COLUMNS)
                 id_col = _pick(header, IDENTITY_COLUMNS)
                 box_cols = [_pick(header, (c,)) for c in BOX_COLUMNS]
+                encounter_col = _pick(header, ENCOUNTER_COLUMNS)
                 if path_col is None:
                     hint = " - wrong delimiter? expected ','" if len(header) == 1 and (";" in row[0] or "\t" in row[0]) else ""
                     raise JaguarKitError(
@@ -297,7 +299,7 @@ def _read_csv(path: Path) -> list[Photo]:
             identity = normalise_name(raw) or None
             if identity:
                 spellings.setdefault(identity, set()).add(raw)
-            photos.append(Photo(file, identity, box, rel, where))
+            photos.append(Photo(file, identity, box, rel, where, cell(encounter_col) or None))
     except csv.Error as e:
         raise JaguarKitError(f"{path}: line {reader.line_num}: cannot parse CSV ({e})") from e
     if header is None:
