@@ -161,6 +161,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(data=args.data, out=args.out, overrides=args.set, progress=not args.quiet, minutes=args.minutes)
 
 
+def add_photos_arguments(p: argparse.ArgumentParser, photos_help: str) -> None:
+    """``--photos`` and, for whole camera-trap frames, ``--detections`` and ``--detection-threshold``
+    (read by :func:`photos_from_args`)."""
+    p.add_argument("--photos", required=True, help=photos_help)
+    p.add_argument("--detections", metavar="MD_JSON",
+                   help="MegaDetector's output JSON for the frames in --photos (its paths relative to the --photos "
+                        "folder, or the CSV's): one photo per animal box, the frame's individual kept")
+    p.add_argument("--detection-threshold", type=_confidence, default=None, metavar="CONF",
+                   help="--detections: animal boxes at this confidence or more (default: the file's "
+                        "typical_detection_threshold, else 0.2, MegaDetector v5's)")
+
+
+def photos_from_args(args: argparse.Namespace, exclude: list[str | Path], folder_labels: bool = True,
+                     need_identity: bool = False) -> list:
+    """The photos ``--photos`` names, one per animal box when ``--detections`` is given: the one place
+    where arguments become photos (index, identify, cluster; train --photos)."""
+    from .photos.detections import read_detections
+    from .photos.inputs import read_photos
+
+    photos = read_photos(args.photos, folder_labels=folder_labels, need_identity=need_identity, exclude=exclude)
+    if args.detections:
+        source = Path(args.photos)
+        photos = read_detections(args.detections, source if source.is_dir() else source.parent,
+                                 args.detection_threshold, photos=photos)
+    elif args.detection_threshold is not None:
+        raise JaguarKitError("--detection-threshold needs --detections (MegaDetector's output JSON)")
+    return photos
+
+
 def _print_warnings(warnings) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -168,10 +197,9 @@ def _print_warnings(warnings) -> None:
 
 def cmd_index(args: argparse.Namespace) -> None:
     from .photos.catalogue import NPZ, build_catalogue, catalogue_model, load_catalogue
-    from .photos.inputs import read_photos
     from .photos.model import load_model
 
-    photos = read_photos(args.photos, need_identity=True, exclude=[args.out])
+    photos = photos_from_args(args, exclude=[args.out], need_identity=True)
     if args.model:
         model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
     elif (Path(args.out) / NPZ).is_file():  # updating a catalogue: its own model, found by its digest
@@ -197,7 +225,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 def cmd_identify(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
     from .photos.identify import identify
-    from .photos.inputs import mark_kit_folder, read_photos
+    from .photos.inputs import mark_kit_folder
     from .photos.model import load_model
     from .photos.report import write_identify_report
 
@@ -207,7 +235,7 @@ def cmd_identify(args: argparse.Namespace) -> None:
         model = load_model(args.model, device=args.device, weights=args.weights,
                            prepared_size=cat.model.get("prepared_size"), tta=cat.model.get("tta", "none"))
     out = Path(args.out)
-    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    photos = photos_from_args(args, exclude=[out], folder_labels=False)
     mark_kit_folder(out)
     # photos are cached in the catalogue, where cluster finds them embedded already
     result = identify(cat, photos, model=model, top_k=args.top_k, cache_dir=cat.cache_dir(out / "cache"),
@@ -227,7 +255,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from .photos.catalogue import load_catalogue
     from .photos.cluster import cluster
     from .photos.folders import write_group_folders
-    from .photos.inputs import mark_kit_folder, read_photos
+    from .photos.inputs import mark_kit_folder
     from .photos.model import load_model
     from .photos.report import write_cluster_report
 
@@ -238,7 +266,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                            prepared_size=cat.model.get("prepared_size") if cat else args.prepared_size,
                            tta=cat.model.get("tta", "none") if cat else "none")
     out = Path(args.out)
-    photos = read_photos(args.photos, folder_labels=False, exclude=[out])
+    photos = photos_from_args(args, exclude=[out], folder_labels=False)
     mark_kit_folder(out)
     # with a catalogue, photos are cached in it, where identify finds them embedded already
     result = cluster(photos, model=model, catalogue=cat, threshold=args.threshold,
@@ -298,6 +326,16 @@ def _similarity(text: str) -> float:
         value = float("nan")
     if not -1 <= value <= 1:  # also NaN
         raise argparse.ArgumentTypeError(f"a cosine similarity between -1 and 1, got {text!r}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"a detection confidence from 0 to 1 (e.g. 0.2), got {text!r}")
     return value
 
 
@@ -401,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("index", help="build or update a catalogue of known individuals from your photos")
-    p.add_argument("--photos", required=True, help="a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]")
+    add_photos_arguments(p, "a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]")
     p.add_argument("--out", required=True, help="the catalogue folder (updated if it exists: only new photos are embedded)")
     p.add_argument("--target-false-merge", type=_share, default=0.05,
                    help="share of a new animal's photos allowed to be attached to a known one (default 0.05)")
@@ -412,16 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("identify", help="top-k known individuals of each photo, or `new`; identify.csv and report.html")
     p.add_argument("--catalogue", required=True, help="a catalogue folder made by `jaguar-kit index`")
-    p.add_argument("--photos", required=True,
-                   help="a folder of photos (sub-folders allowed), a CSV path[,identity,x,y,w,h], or one photo")
+    add_photos_arguments(p, "a folder of photos (sub-folders allowed), a CSV path[,identity,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--top-k", type=_top_k, default=5, help="candidates shown per photo (default 5)")
     _add_photo_model(p, None)
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("cluster", help="group unlabelled photos by individual; clusters.csv, report.html, folders")
-    p.add_argument("--photos", required=True,
-                   help="a folder of photos (sub-folders allowed), a CSV path[,x,y,w,h], or one photo")
+    add_photos_arguments(p, "a folder of photos (sub-folders allowed), a CSV path[,x,y,w,h], or one photo")
     p.add_argument("--out", required=True, help="the result folder")
     p.add_argument("--catalogue", help="attach groups to its known individuals; its calibration sets the threshold")
     p.add_argument("--threshold", type=_similarity, help="link photos at this similarity or more (default: the catalogue's)")
