@@ -180,13 +180,13 @@ def photos_from_args(args: argparse.Namespace, exclude: list[str | Path], folder
     from .photos.detections import read_detections
     from .photos.inputs import read_photos
 
+    if args.detection_threshold is not None and not args.detections:
+        raise JaguarKitError("--detection-threshold needs --detections (MegaDetector's output JSON)")
     photos = read_photos(args.photos, folder_labels=folder_labels, need_identity=need_identity, exclude=exclude)
     if args.detections:
         source = Path(args.photos)
         photos = read_detections(args.detections, source if source.is_dir() else source.parent,
                                  args.detection_threshold, photos=photos)
-    elif args.detection_threshold is not None:
-        raise JaguarKitError("--detection-threshold needs --detections (MegaDetector's output JSON)")
     return photos
 
 

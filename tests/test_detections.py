@@ -66,11 +66,14 @@ def _md_json(path: Path, images: list[dict], version: str = "1.4") -> Path:
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
+    return make_frames(tmp_path_factory.mktemp("frames"))
+
+
+def make_frames(root: Path):
     """Labelled frames (a folder per individual) and their MegaDetector output.
 
     Every frame has one jaguar, a person box and a weak animal box (below 0.2); one frame of
     Tico holds two jaguars; one frame is empty; one frame MegaDetector failed on."""
-    root = tmp_path_factory.mktemp("frames")
     photos = root / "photos"
     images, expected = [], {}
     for i, name in enumerate(INDIVIDUALS):
@@ -87,6 +90,7 @@ def frames(tmp_path_factory):
                 expected[f"{rel}#{n}"] = (name, b)
     _frame(photos / "Dajun/empty.jpg", 99, [])
     images.append({"file": "Dajun/empty.jpg", "detections": [_det((1, 1, 50, 50), 0.05)]})
+    (photos / "Marcela/broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     images.append({"file": "Marcela/broken.jpg", "failure": "Failure image access", "detections": None})
     md = _md_json(root / "md.json", images)
     return root, photos, md, expected

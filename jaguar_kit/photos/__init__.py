@@ -4,6 +4,7 @@ The modules follow the photos' path (each imports only those before it)::
 
     names        one spelling per individual's name; names made safe as paths
     inputs       read folders / CSVs of photos, prepare them once, keyed by content
+    detections   whole camera-trap frames: one photo per animal box of MegaDetector's output
     model        the embedding model and the embeddings of photos
     calibration  scores per individual and the calibrated `new` decision
     catalogue    a folder of known individuals' embeddings and its calibration

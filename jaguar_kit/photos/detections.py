@@ -89,14 +89,14 @@ def read_detections(json_path: str | Path, image_root: str | Path, threshold: fl
         seen[real] = i
         kept = _animal_boxes(entry, where, animal_ids, threshold)
         frame = Photo(path, name=rel, origin=where) if listed is None else listed.pop(real, None)
-        if kept is None:
-            failed.append(rel)
-            continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             not_photos.append(rel)
             continue
         if frame is None:
             unlisted.append(rel)
+            continue
+        if kept is None:
+            failed.append(rel)
             continue
         if listed is None and not path.is_file():
             raise JaguarKitError(f"{where}: file not found under {root}")

@@ -13,6 +13,9 @@ What :func:`read_photos` accepts:
 
 - a single photo (``--photos IMG_0001.JPG``): that photo, unlabelled.
 
+Whole frames with MegaDetector's boxes are cut into one photo per animal by
+:func:`jaguar_kit.photos.detections.read_detections`, from the photos read here.
+
 Photos are JPEG, PNG, TIFF, BMP, WebP or JPEG 2000 (:data:`IMAGE_EXTENSIONS`), of any size,
 with or without an alpha mask; other files in a folder are listed in one line. Every problem
 is reported as one line naming the file, the CSV line and what is wrong. Identities are
