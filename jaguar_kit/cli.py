@@ -11,9 +11,13 @@ import argparse
 import errno
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, apply_overrides, load_config
 from .errors import JaguarKitError
+
+if TYPE_CHECKING:  # the photo modules load OpenCV: imported where a command needs them
+    from .photos.inputs import Photo
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -174,7 +178,7 @@ def add_photos_arguments(p: argparse.ArgumentParser, photos_help: str) -> None:
 
 
 def photos_from_args(args: argparse.Namespace, exclude: list[str | Path], folder_labels: bool = True,
-                     need_identity: bool = False) -> list:
+                     need_identity: bool = False) -> list[Photo]:
     """The photos ``--photos`` names, one per animal box when ``--detections`` is given: the one place
     where arguments become photos (index, identify, cluster; train --photos)."""
     from .photos.detections import read_detections
