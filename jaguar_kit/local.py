@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -57,9 +56,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .embed import chunk_fingerprint
+from .chunks import chunk_fingerprint, load_chunk, save_chunk
+from .data.images import MASK_THRESHOLD, crop_box, cut_box, decode_image
 from .errors import JaguarKitError
-from .files import atomic_path, fault_point, file_sha256, load_npz, remove_stale_temporaries
+from .files import file_digest, remove_stale_temporaries
+from .processes import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,6 @@ def rootsift(desc: np.ndarray) -> np.ndarray:
 
 
 def _crop(rgb: np.ndarray, mask: np.ndarray | None, s: LocalSettings) -> tuple[np.ndarray, np.ndarray | None]:
-    from .data.images import MASK_THRESHOLD, crop_box
-
     if mask is not None:
         box = crop_box(mask, s.crop_margin)
         if box is None:  # fully transparent: no usable mask, keep the whole picture
@@ -183,79 +182,80 @@ class SiftMatcher:
             return MatchScore(0, 0)
         pairs = self._matcher.knnMatch(a.descriptors, b.descriptors, k=2)
         good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < self.settings.ratio * n.distance]
-        if len(good) < 3:  # two points always fit a similarity transform: no evidence
-            return MatchScore(0, len(good))
-        src = a.points[[m.queryIdx for m in good]]
-        dst = b.points[[m.trainIdx for m in good]]
-        thresh = self.settings.ransac_px * self.settings.size
-        transform, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=thresh,
-                                                     maxIters=2000, confidence=0.99)
-        if transform is None or inl is None:
-            return MatchScore(0, len(good))
-        scale = math.hypot(transform[0, 0], transform[1, 0])
-        angle = abs(math.degrees(math.atan2(transform[1, 0], transform[0, 0])))
-        if not (1.0 / MAX_SCALE <= scale <= MAX_SCALE) or angle > MAX_ROTATION_DEG:
-            return MatchScore(0, len(good))
-        return MatchScore(int(inl.sum()), len(good))
+        src = a.points[[m.queryIdx for m in good]].reshape(-1, 2)
+        dst = b.points[[m.trainIdx for m in good]].reshape(-1, 2)
+        inliers = similarity_inliers(src, dst, self.settings)
+        return MatchScore(int(inliers.sum()), len(good))
+
+
+def similarity_inliers(src: np.ndarray, dst: np.ndarray, settings: LocalSettings) -> np.ndarray:
+    """Which tentative matches ``src[i] -> dst[i]`` a RANSAC similarity transform keeps (bool mask).
+
+    All ``False`` when there are fewer than 3 matches (two points always fit a similarity
+    transform: no evidence) or the transform is implausible for an upright animal.
+    """
+    none = np.zeros(len(src), bool)
+    if len(src) < 3:
+        return none
+    transform, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+                                                 ransacReprojThreshold=settings.ransac_px * settings.size,
+                                                 maxIters=2000, confidence=0.99)
+    if transform is None or inl is None:
+        return none
+    scale = math.hypot(transform[0, 0], transform[1, 0])
+    angle = abs(math.degrees(math.atan2(transform[1, 0], transform[0, 0])))
+    if not (1.0 / MAX_SCALE <= scale <= MAX_SCALE) or angle > MAX_ROTATION_DEG:
+        return none
+    return inl.ravel().astype(bool)
 
 
 def image_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (16 hex digits): the content key of its cached features."""
-    return file_sha256(path)[:16]
+    """A digest of a file's bytes: the content key of its cached features."""
+    return file_digest(path, 16, "image")
 
 
-def _extract_file(task: tuple[str, LocalSettings]) -> ImageFeatures:
-    from .data.images import decode_image
+def crop_for_features(path: str | Path, box, settings: LocalSettings, where: str = "") -> np.ndarray:
+    """The RGB crop that an image's keypoints are positioned in (decoded, boxed, masked crop, resized)."""
+    rgb, mask = cut_box(*decode_image(path), box, where or str(path))
+    return _crop(rgb, mask, settings)[0]
 
-    path, settings = task
-    rgb, mask = decode_image(path)
+
+def _extract_file(task: tuple[str, tuple | None, LocalSettings]) -> ImageFeatures:
+    path, box, settings = task
+    rgb, mask = cut_box(*decode_image(path), box, path)
     return SiftMatcher(settings).extract(rgb, mask if settings.use_mask else None)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
 
 
 # ----------------------------------------------------------------------------- the cache
 
+CHUNK_FIELDS = ("counts", "shapes", "points", "descriptors")
+
 
 def _save_chunk(path: Path, feats: list[ImageFeatures], names: list[str], fingerprint: str) -> None:
-    counts = np.array([len(f) for f in feats], dtype=np.int64)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(
-                fh, names=np.array(names), fingerprint=np.array(fingerprint), counts=counts,
-                shapes=np.array([f.shape for f in feats], dtype=np.int64).reshape(-1, 2),
-                points=np.concatenate([f.points for f in feats]) if feats else np.zeros((0, 2), np.float32),
-                # float16 halves the cache; RootSIFT values lie in [0, 1] and matching does not notice
-                descriptors=(np.concatenate([f.descriptors for f in feats]) if feats
-                             else np.zeros((0, 128), np.float32)).astype(np.float16),
-            )
-            fault_point("local-chunk-write")
+    save_chunk(
+        path, fingerprint, names, "local-chunk-write",
+        counts=np.array([len(f) for f in feats], dtype=np.int64),
+        shapes=np.array([f.shape for f in feats], dtype=np.int64).reshape(-1, 2),
+        points=np.concatenate([f.points for f in feats]) if feats else np.zeros((0, 2), np.float32),
+        # float16 halves the cache; RootSIFT values lie in [0, 1] and matching does not notice
+        descriptors=(np.concatenate([f.descriptors for f in feats]) if feats
+                     else np.zeros((0, 128), np.float32)).astype(np.float16),
+    )
 
 
 def _load_chunk(path: Path, fingerprint: str, names: list[str]) -> list[ImageFeatures] | None:
     """The chunk's features if the file is complete and made for exactly these images."""
-    try:
-        z = load_npz(path, ("fingerprint", "names", "counts", "shapes", "points", "descriptors"),
-                     "jaguar_kit local-feature chunk")
-    except JaguarKitError as e:
-        log.warning("%s; computing it again", e)
+    z = load_chunk(path, fingerprint, names, CHUNK_FIELDS, "jaguar_kit local-feature chunk")
+    if z is None:
         return None
-    if str(z["fingerprint"]) != fingerprint or list(z["names"]) != names:
-        return None
-    counts, shapes, points, desc = z["counts"], z["shapes"], z["points"], z["descriptors"]
+    counts, shapes, points, desc = (z[k] for k in CHUNK_FIELDS)
     if len(counts) != len(names) or counts.sum() != len(points) or len(points) != len(desc):
         return None
     if not np.isfinite(points).all() or not np.isfinite(desc).all():
         return None
     ends = np.cumsum(counts)
-    out = []
-    for i, end in enumerate(ends):
-        start = end - counts[i]
-        out.append(ImageFeatures(points[start:end].astype(np.float32), desc[start:end].astype(np.float32),
-                                 (int(shapes[i, 0]), int(shapes[i, 1]))))
-    return out
+    return [ImageFeatures(points[end - n:end].astype(np.float32), desc[end - n:end].astype(np.float32),
+                          (int(shapes[i, 0]), int(shapes[i, 1]))) for i, (n, end) in enumerate(zip(counts, ends))]
 
 
 @dataclass
@@ -274,61 +274,46 @@ def compute_local_features(
     chunk_size: int = 100,
     workers: int = 0,
     progress: bool = True,
+    boxes: Sequence | None = None,
 ) -> FeatureResult:
     """SIFT features of every image, through a resumable, content-keyed chunk cache.
 
-    ``paths`` are the source images (the RGBA PNGs: their alpha channel is the mask).
-    Chunk files are named by their fingerprint (settings + image bytes), so validation
-    and test images share one folder without clashing and any rerun reuses them.
-    ``workers`` > 1 extracts in that many processes.
+    ``paths`` are the source images (an RGBA PNG's alpha channel is the mask); ``boxes``
+    (x, y, w, h or None per image) cut each photo to its animal first. Chunk files are named
+    by their fingerprint (settings, names, image bytes and boxes), so several image sets share
+    one folder without clashing and any rerun reuses them. ``workers`` > 1 extracts in that
+    many processes.
     """
     settings.check()
-    if len(names) != len(paths):
-        raise JaguarKitError(f"local features: {len(names)} names but {len(paths)} paths")
+    boxes = [None] * len(paths) if boxes is None else [None if b is None else tuple(map(int, b)) for b in boxes]
+    if not len(names) == len(paths) == len(boxes):
+        raise JaguarKitError(f"local features: {len(names)} names, {len(paths)} paths, {len(boxes)} boxes")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cache_dir)
     base = settings.extraction_key()
     feats: list[ImageFeatures] = []
     computed = reused = 0
-    pool = None
-    bar = tqdm(total=len(names), desc="local features", unit="img", disable=not progress)
-    try:
+    with tqdm(total=len(names), desc="local features", unit="img", disable=not progress) as bar:
         for c in range(0, len(names), chunk_size):
             chunk_names = [str(n) for n in names[c : c + chunk_size]]
             chunk_paths = [str(p) for p in paths[c : c + chunk_size]]
-            try:
-                digests = [image_digest(p) for p in chunk_paths]
-            except OSError as e:
-                raise JaguarKitError(f"{e.filename}: cannot read image ({e.strerror})") from e
-            fp = chunk_fingerprint(base, [f"{n}:{d}" for n, d in zip(chunk_names, digests)])
+            chunk_boxes = boxes[c : c + chunk_size]
+            digests = [f"{image_digest(p)}{'' if b is None else b}" for p, b in zip(chunk_paths, chunk_boxes)]
+            fp = chunk_fingerprint(base, chunk_names, digests)
             path = cache_dir / f"local_{fp}.npz"
-            got = _load_chunk(path, fp, chunk_names) if path.exists() else None
+            got = _load_chunk(path, fp, chunk_names)
             if got is None:
-                tasks = [(p, settings) for p in chunk_paths]
-                if workers > 1 and len(tasks) > 1:
-                    if pool is None:  # spawn: the caller may hold torch/OpenMP threads a fork could deadlock on
-                        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-                    got = []
-                    for f in pool.imap(_extract_file, tasks):
-                        got.append(f)
-                        bar.update()
-                else:
-                    got = []
-                    for t in tasks:
-                        got.append(_extract_file(t))
-                        bar.update()
+                got = []
+                for f in run_tasks(_extract_file, [(p, b, settings) for p, b in zip(chunk_paths, chunk_boxes)], workers):
+                    got.append(f)
+                    bar.update()
                 _save_chunk(path, got, chunk_names, fp)
                 computed += 1
             else:
                 reused += 1
                 bar.update(len(chunk_names))
             feats.extend(got)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
     return FeatureResult([str(n) for n in names], feats, computed, reused)
 
 
@@ -339,6 +324,8 @@ __all__ = [
     "Matcher",
     "SiftMatcher",
     "rootsift",
+    "similarity_inliers",
+    "crop_for_features",
     "image_digest",
     "compute_local_features",
 ]

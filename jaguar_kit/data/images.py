@@ -167,6 +167,18 @@ def decode_image_bytes(data: bytes, path: str | Path) -> tuple[np.ndarray, np.nd
     raise JaguarKitError(f"{path}: unsupported number of channels {channels}")
 
 
+def cut_box(rgb: np.ndarray, mask: np.ndarray | None, box, where: str):
+    """Crop image and mask to ``box`` (x, y, w, h), clipped to the image; an empty box is an error."""
+    if box is None:
+        return rgb, mask
+    x, y, w, h = box
+    H, W = rgb.shape[:2]
+    x0, y0, x1, y1 = min(x, W), min(y, H), min(x + w, W), min(y + h, H)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise JaguarKitError(f"{where}: box x,y,w,h = {x},{y},{w},{h} lies outside the {W}x{H} photo")
+    return rgb[y0:y1, x0:x1], None if mask is None else mask[y0:y1, x0:x1]
+
+
 def mask_is_empty(mask: np.ndarray | None) -> bool:
     """True when there is a mask but no pixel of it is the animal (fully transparent)."""
     return mask is not None and not bool((mask >= MASK_THRESHOLD).any())

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.competition import ENCOUNTER_COLUMNS, load_competition
-from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, decode_image
+from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, cut_box, decode_image
 from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, file_digest
@@ -326,18 +326,6 @@ def photo_key(photo: Photo, digest: str | None = None) -> str:
     """The content key of a photo: its bytes' digest, plus the box if any."""
     digest = digest or photo_digest(photo.path)
     return digest if photo.box is None else f"{digest}-{'-'.join(map(str, photo.box))}"
-
-
-def cut_box(rgb: np.ndarray, mask: np.ndarray | None, box, where: str):
-    """Crop image and mask to ``box`` (x, y, w, h), clipped to the image; an empty box is an error."""
-    if box is None:
-        return rgb, mask
-    x, y, w, h = box
-    H, W = rgb.shape[:2]
-    x0, y0, x1, y1 = min(x, W), min(y, H), min(x + w, W), min(y + h, H)
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        raise JaguarKitError(f"{where}: box x,y,w,h = {x},{y},{w},{h} lies outside the {W}x{H} photo")
-    return rgb[y0:y1, x0:x1], None if mask is None else mask[y0:y1, x0:x1]
 
 
 def prepare_one_photo(src: Path, box, dst: Path, alpha_mode: str, margin: float, size: int, where: str) -> None:
