@@ -57,8 +57,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     import signal
     import tempfile
 
-    from .train.engine import _dist_info, launch_ddp, train, train_folds
-
     cfg = _config(args)
     if args.photos:  # your own labelled photos, written into the run folder as a competition-shaped folder
         from .photos.training import photos_as_competition
@@ -66,7 +64,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         data = photos_as_competition(args.photos, args.out, workers=cfg.data.workers, progress=not args.quiet)
     else:
         data = nullcontext(args.data)
-    with data as data_dir:
+    with data as data_dir:  # the engine (torch) loads after the photos are checked: bad ones are refused at once
+        from .train.engine import _dist_info, launch_ddp, train, train_folds
+
         if args.gpus > 1:  # every rank reads the settings from one file; the run folder is rank 0's to write
             with tempfile.TemporaryDirectory() as tmp:
                 cfg.save(Path(tmp) / "config.json")
@@ -354,16 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train (or resume) a re-ID model; --out is the run folder",
-                       description="Train (or resume: the same command again) a re-ID model on a competition "
-                                   "folder (--data) or on your own labelled photos (--photos).")
+    p = sub.add_parser("train", help="train (or resume: the same command again) a re-ID model; --out is the run folder")
     _add_common(p, data=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a competition-shaped folder (train.csv, test.csv, images)")
-    source.add_argument("--photos", help="your labelled photos: a folder with a sub-folder per individual, a CSV "
-                        "path,identity[,x,y,w,h][,encounter], or a catalogue folder (its reviewed individuals); "
-                        "written into OUT/photos_data (cut to their boxes, named by content) and trained on like "
-                        "--data. Then: jaguar-kit index --catalogue CAT --model OUT/best.pt --out NEW_CAT")
+    source.add_argument("--photos", help="your labelled photos: a folder per individual, a CSV path,identity[,x,y,w,h]"
+                        "[,encounter] or a catalogue; written to OUT/photos_data (boxes cut out, named by content)")
     p.add_argument("--prepared", help="prepared-image cache folder (default: $JAGUAR_KIT_PREPARED, else work/prepared; "
                    "on Kaggle a scratch folder outside the output); shared with embed")
     p.add_argument("--all-folds", action="store_true", help="cross-validation: every fold into OUT/fold{k}")

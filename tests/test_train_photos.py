@@ -22,8 +22,8 @@ TRAIN = [*TINY_OVERRIDES, "train.checkpoint_every=1"]
 KEY = re.compile(r"[0-9a-f]{32}(-\d+){0,4}\.(jpg|png)")  # a content key, never an individual's name
 
 
-def train_photos(source, out, fault=None):
-    return run_cli("train", "--photos", source, "--out", out, overrides=TRAIN, fault=fault)
+def train_photos(source, out, *overrides, fault=None):
+    return run_cli("train", "--photos", source, "--out", out, overrides=[*TRAIN, *overrides], fault=fault)
 
 
 def _ok(proc):
@@ -126,6 +126,11 @@ def test_bad_photo_sets_are_refused_in_one_line(layout, tmp_path):
     one = tmp_path / "one" / layout.known[0]  # a single individual: nothing to tell apart
     shutil.copytree(layout.photos / layout.known[0], one)
     _one_line_error(train_photos(one.parent, tmp_path / "r2"), "at least 2 individuals with at least 2 photos")
+
+    # 4 photos per individual over 5 folds: no individual twice among the validation photos, refused before training
+    _one_line_error(train_photos(layout.photos, tmp_path / "r4", "data.num_folds=5"), "validation has nothing to score",
+                    "data.num_folds=2", "data.fold=-1")
+    assert not (tmp_path / "r4" / "last.pt").exists()
 
     bad_csv = tmp_path / "frames.csv"
     rows = list(csv.reader(open(layout.csv, newline="")))

@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,9 +39,11 @@ from ..data.prepare import JPEG_QUALITY
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from ..processes import run_tasks
-from ..train.engine import TrainResult, train
 from .catalogue import NPZ, catalogue_photos, load_catalogue
 from .inputs import Photo, cut_box, mark_kit_folder, photo_digest, photo_key, read_photos
+
+if TYPE_CHECKING:
+    from ..train.engine import TrainResult
 
 DATA_DIR = "photos_data"
 MIN_INDIVIDUALS = 2  # with at least MIN_PHOTOS photos each: a same-individual pair to learn from and validate on
@@ -165,6 +168,8 @@ def train_on_photos(cfg: Config, source: str | Path, run_dir: str | Path, prepar
                     progress: bool = True) -> TrainResult:
     """Train (or resume) a re-ID model on labelled photos (see the module docstring); ``run_dir/best.pt``
     then indexes them: ``jaguar-kit index --photos SOURCE --model RUN/best.pt --out CATALOGUE``."""
+    from ..train.engine import train  # torch: loaded once the photos are found good (bad ones fail fast)
+
     with photos_as_competition(source, run_dir, workers=cfg.data.workers, progress=progress) as data:
         return train(cfg, data, run_dir, prepared_root=prepared_root, progress=progress)
 
