@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,17 +61,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     import signal
     import tempfile
 
-    from .train.engine import _dist_info, launch_ddp, train, train_folds
-
     cfg = _config(args)
-    if args.gpus > 1:  # every rank reads the settings from one file; the run folder is rank 0's to write
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg.save(Path(tmp) / "config.json")
-            sys.exit(launch_ddp(Path(tmp) / "config.json", args.data, args.out, nproc=args.gpus))
-    if args.all_folds:
-        results = train_folds(cfg, args.data, args.out, progress=not args.quiet)
+    if args.photos:  # your own labelled photos, written into the run folder as a competition-shaped folder
+        from .photos.catalogue import NPZ
+        from .photos.training import photos_as_competition
+
+        is_catalogue = Path(args.photos, NPZ).is_file()
+        if is_catalogue and args.detections:
+            raise JaguarKitError("--detections goes with photos: a catalogue's photos already have their boxes")
+        photos = args.photos if is_catalogue else photos_from_args(args, exclude=[args.out], need_identity=True)
+        data = photos_as_competition(photos, args.out, workers=cfg.data.workers, progress=not args.quiet)
     else:
-        results = [train(cfg, args.data, args.out, prepared_root=args.prepared, progress=not args.quiet)]
+        data = nullcontext(args.data)
+    with data as data_dir:  # the engine (torch) loads after the photos are checked: bad ones are refused at once
+        from .train.engine import _dist_info, launch_ddp, train, train_folds
+
+        if args.gpus > 1:  # every rank reads the settings from one file; the run folder is rank 0's to write
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg.save(Path(tmp) / "config.json")
+                sys.exit(launch_ddp(Path(tmp) / "config.json", data_dir, args.out, nproc=args.gpus))
+        if args.all_folds:
+            results = train_folds(cfg, data_dir, args.out, progress=not args.quiet)
+        else:
+            results = [train(cfg, data_dir, args.out, prepared_root=args.prepared, progress=not args.quiet)]
     if _dist_info()[0] != 0:
         return  # under DDP only rank 0 reports
     for r in results:
@@ -165,10 +178,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(data=args.data, out=args.out, overrides=args.set, progress=not args.quiet, minutes=args.minutes)
 
 
-def add_photos_arguments(p: argparse.ArgumentParser, photos_help: str) -> None:
-    """``--photos`` and, for whole camera-trap frames, ``--detections`` and ``--detection-threshold``
-    (read by :func:`photos_from_args`)."""
-    p.add_argument("--photos", required=True, help=photos_help)
+def add_photos_arguments(p: argparse.ArgumentParser, photos_help: str, one_of=None) -> None:
+    """``--photos`` (required, or one of the group ``one_of``) and, for whole camera-trap frames,
+    ``--detections`` and ``--detection-threshold`` (read by :func:`photos_from_args`)."""
+    if one_of is None:
+        p.add_argument("--photos", required=True, help=photos_help)
+    else:
+        one_of.add_argument("--photos", help=photos_help)
     p.add_argument("--detections", metavar="MD_JSON",
                    help="MegaDetector's output JSON for the frames in --photos (its paths relative to the --photos "
                         "folder, or the CSV's): one photo per animal box, the frame's individual kept")
@@ -200,10 +216,15 @@ def _print_warnings(warnings) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .photos.catalogue import NPZ, build_catalogue, catalogue_model, load_catalogue
+    from .photos.catalogue import NPZ, build_catalogue, catalogue_model, load_catalogue, photos_to_reindex
     from .photos.model import load_model
 
-    photos = photos_from_args(args, exclude=[args.out], need_identity=True)
+    if args.catalogue:  # re-index: the catalogue's photos, individuals and boxes, embedded by another model
+        if args.detections:
+            raise JaguarKitError("--detections goes with --photos: a catalogue's photos already have their boxes")
+        photos = photos_to_reindex(args.catalogue, args.out, args.model)
+    else:
+        photos = photos_from_args(args, exclude=[args.out], need_identity=True)
     if args.model:
         model = load_model(args.model, device=args.device, weights=args.weights, prepared_size=args.prepared_size)
     elif (Path(args.out) / NPZ).is_file():  # updating a catalogue: its own model, found by its digest
@@ -385,8 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train (or resume) a re-ID model; --out is the run folder")
-    _add_common(p)
+    p = sub.add_parser("train", help="train (or resume: the same command again) a re-ID model; --out is the run folder")
+    _add_common(p, data=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a competition-shaped folder (train.csv, test.csv, images)")
+    add_photos_arguments(p, "your labelled photos: a folder per individual, a CSV path,identity[,x,y,w,h][,encounter] "
+                         "or a catalogue; written to OUT/photos_data (boxes cut out, named by content)", source)
     p.add_argument("--prepared", help="prepared-image cache folder (default: $JAGUAR_KIT_PREPARED, else work/prepared; "
                    "on Kaggle a scratch folder outside the output); shared with embed")
     p.add_argument("--all-folds", action="store_true", help="cross-validation: every fold into OUT/fold{k}")
@@ -442,8 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("index", help="build or update a catalogue of known individuals from your photos")
-    add_photos_arguments(p, "a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]")
+    p = sub.add_parser("index", help="build or update a catalogue of known individuals from your photos",
+                       description="Build or update a catalogue from your labelled photos (--photos), or re-index "
+                                   "a catalogue with a better model (--catalogue OLD --model RUN/best.pt --out NEW: "
+                                   "every photo of OLD under its reviewed individual and box, embedded anew into "
+                                   "NEW; OLD is left as it is).")
+    source = p.add_mutually_exclusive_group(required=True)
+    add_photos_arguments(p, "a folder with a sub-folder per individual, or a CSV path,identity[,x,y,w,h]", source)
+    source.add_argument("--catalogue", help="re-index this catalogue's photos with --model into --out (a new folder)")
     p.add_argument("--out", required=True, help="the catalogue folder (updated if it exists: only new photos are embedded)")
     p.add_argument("--target-false-merge", type=_share, default=0.05,
                    help="share of a new animal's photos allowed to be attached to a known one (default 0.05)")

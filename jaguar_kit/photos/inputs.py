@@ -160,7 +160,7 @@ def read_photos(source: str | Path, folder_labels: bool = True, need_identity: b
             where = ("no individual (it lies directly in the folder)" if source.is_dir() else
                      "an empty identity" if source.suffix.lower() == ".csv" else "no individual (a single photo)")
             raise JaguarKitError(
-                f"{bad[0].origin}: {where}; a catalogue needs every photo's individual: put photos in a "
+                f"{bad[0].origin}: {where}; a catalogue and training need every photo's individual: put photos in a "
                 f"sub-folder named after the individual, or fill the identity column"
                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
             )

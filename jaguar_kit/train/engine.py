@@ -283,6 +283,18 @@ def _fold_data(cfg: Config, comp: Any, prepared_root: Path, progress: bool,
                     np.array([class_of[i] for i in identities[split.train_idx]]))
 
 
+def check_validation_split(cfg: Config, data: FoldData) -> None:
+    """Refuse, before training, a validation split in which no individual appears twice: nothing to score."""
+    val = data.identities[data.val_idx]
+    if len(val) and len(set(val)) == len(val):
+        d = cfg.data
+        raise JaguarKitError(
+            f"data.fold={d.fold} of data.num_folds={d.num_folds}: its {len(val)} validation images show no identity "
+            "twice, so validation has nothing to score; give identities more images (about 2 x data.num_folds "
+            "each, in separate encounters), use fewer folds (--set data.num_folds=2) or train on every image "
+            "without validation (--set data.fold=-1)")
+
+
 def check_trainable(cfg: Config) -> None:
     """Settings that cannot train, refused before any work, naming the setting."""
     tc, lc = cfg.train, cfg.loss
@@ -591,6 +603,7 @@ class Trainer:
         if len(data.classes) < 2:
             raise JaguarKitError(f"only {len(data.classes)} identity in the training split of train.csv; "
                                  "re-identification training needs at least 2")
+        check_validation_split(cfg, data)
         if saved is not None and list(saved.classes) != list(data.classes):
             raise JaguarKitError(f"{run_dir / LAST}: trained on other identities than this fold's; start a new run")
 
