@@ -239,8 +239,9 @@ NPZ_DAMAGE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.
               tokenize.TokenError, NotImplementedError)
 
 
-def load_npz(path: str | Path, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of the ``.npz`` at ``path``, all read now (no pickles).
+def load_npz(path: str | Path, keys: Sequence[str], what: str, optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` at ``path``, all read now (no pickles), and those of
+    ``optional`` that it has (arrays added in later versions of a file).
 
     The one reader of every ``.npz`` the kit writes: a missing file, damage or a missing
     array is a one-line :class:`JaguarKitError` naming the file and ``what`` it should be
@@ -255,7 +256,7 @@ def load_npz(path: str | Path, keys: Sequence[str], what: str) -> dict[str, np.n
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise KeyError(f"no {missing[0]!r} array")
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in [*keys, *optional] if k in z.files}
     except FileNotFoundError:
         raise JaguarKitError(f"{path}: {what} not found") from None
     except NPZ_DAMAGE as e:

@@ -220,8 +220,10 @@ def crop_for_features(path: str | Path, box, settings: LocalSettings, where: str
     return _crop(rgb, mask, settings)[0]
 
 
-def _extract_file(task: tuple[str, tuple | None, LocalSettings]) -> ImageFeatures:
-    path, box, settings = task
+def _extract_file(task: tuple[str, tuple | None, LocalSettings, str]) -> ImageFeatures:
+    path, box, settings, digest = task
+    if file_digest(path, len(digest), "image") != digest:  # cached under this content: never other pixels
+        raise JaguarKitError(f"{path}: changed since it was listed (other content); list it again")
     rgb, mask = cut_box(*decode_image(path), box, path)
     return SiftMatcher(settings).extract(rgb, mask if settings.use_mask else None)
 
@@ -275,6 +277,7 @@ def compute_local_features(
     workers: int = 0,
     progress: bool = True,
     boxes: Sequence | None = None,
+    digests: Sequence[str] | None = None,
 ) -> FeatureResult:
     """SIFT features of every image, through a resumable, content-keyed chunk cache.
 
@@ -282,11 +285,14 @@ def compute_local_features(
     (x, y, w, h or None per image) cut each photo to its animal first. Chunk files are named
     by their fingerprint (settings, names, image bytes and boxes), so several image sets share
     one folder without clashing and any rerun reuses them. ``workers`` > 1 extracts in that
-    many processes.
+    many processes. ``digests``: the images' :func:`image_digest`-style content digests when the
+    caller knows them (any length; an image whose features must be computed is checked against
+    its digest first), so that cached features are found without reading the images.
     """
     settings.check()
     boxes = [None] * len(paths) if boxes is None else [None if b is None else tuple(map(int, b)) for b in boxes]
-    if not len(names) == len(paths) == len(boxes):
+    digests = [None] * len(paths) if digests is None else list(digests)
+    if not len(names) == len(paths) == len(boxes) == len(digests):
         raise JaguarKitError(f"local features: {len(names)} names, {len(paths)} paths, {len(boxes)} boxes")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -299,13 +305,15 @@ def compute_local_features(
             chunk_names = [str(n) for n in names[c : c + chunk_size]]
             chunk_paths = [str(p) for p in paths[c : c + chunk_size]]
             chunk_boxes = boxes[c : c + chunk_size]
-            digests = [f"{image_digest(p)}{'' if b is None else b}" for p, b in zip(chunk_paths, chunk_boxes)]
-            fp = chunk_fingerprint(base, chunk_names, digests)
+            chunk_digests = [d or image_digest(p) for p, d in zip(chunk_paths, digests[c : c + chunk_size])]
+            fp = chunk_fingerprint(base, chunk_names, [f"{d}{'' if b is None else b}"
+                                                       for d, b in zip(chunk_digests, chunk_boxes)])
             path = cache_dir / f"local_{fp}.npz"
             got = _load_chunk(path, fp, chunk_names)
             if got is None:
                 got = []
-                for f in run_tasks(_extract_file, [(p, b, settings) for p, b in zip(chunk_paths, chunk_boxes)], workers):
+                tasks = [(p, b, settings, d) for p, b, d in zip(chunk_paths, chunk_boxes, chunk_digests)]
+                for f in run_tasks(_extract_file, tasks, workers):
                     got.append(f)
                     bar.update()
                 _save_chunk(path, got, chunk_names, fp)

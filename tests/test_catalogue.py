@@ -82,7 +82,8 @@ def test_probabilities_are_calibrated():
         cat = Catalogue(ids, ids, ids, [""] * len(ids), np.full((len(ids), 4), -1), x[cat_rows], [b""] * len(ids), {},
                         calibrate(x[cat_rows], ids))
         q = np.concatenate([known, new])
-        top_ids, _, probs, _, _ = identify_embeddings(cat, x[q], 5)
+        c = identify_embeddings(cat, x[q], 5)
+        top_ids, probs = c.ids, c.probs
         pred.append(probs.ravel())
         hit.append((top_ids == np.array([y[i] for i in q], dtype=object)[:, None]).ravel())
     pred, hit = np.concatenate(pred), np.concatenate(hit)

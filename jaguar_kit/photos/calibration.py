@@ -17,6 +17,14 @@ turns scores into probabilities; the threshold is stored as both a score and a p
 Individuals that may be one animal under two names are found before, on similarities
 (:func:`suspected_duplicates`), and kept out of the fit.
 
+**Coat-pattern evidence** (:mod:`.coat`), where the catalogue has it, joins the same fit: the
+probability is ``sigmoid(a * score + c * log(1 + inliers) + b)`` over both numbers, fitted on
+the same held-out cases (each photo's inliers against every individual with itself and its
+encounter left out, and with its individual left out), and the decision compares that logit
+with a threshold set, as before, on the new-individual cases at the target rate. One
+calibration, so the false-merge target holds for the fused decision, and the words follow
+its probability.
+
 **Words** (:func:`decision_words`): a decision is said in the band of its probability
 (:data:`BANDS`), and :func:`calibration_banner` says when the catalogue's own calibration
 shows that the model cannot tell its individuals apart.
@@ -33,6 +41,7 @@ import pandas as pd
 from ..errors import JaguarKitError
 from ..logistic import fit_logistic, sigmoid
 from ..metrics import auroc
+from .coat import CoatHoldOut
 
 DEFAULT_TARGET_FMR = 0.05
 FIT_TOP_K = 5  # candidates per photo used to fit the probabilities (what a person is shown)
@@ -88,13 +97,30 @@ class Calibration:
     estimated: dict = field(default_factory=dict)  # rates on the catalogue itself (leave-one-identity-out)
     method: str = "leave-one-identity-out"
     excluded: list = field(default_factory=list)  # individuals kept out of the fit (suspected duplicates)
+    coat: float = 0.0  # weight of log(1 + coat-pattern inliers) in the logit; 0: the global score alone
 
-    def probability(self, scores) -> np.ndarray:
+    @property
+    def uses_coat(self) -> bool:
+        return self.coat > 0
+
+    def statistic(self, scores, inliers=None) -> np.ndarray:
+        """What the threshold is compared with: the best-match score, or with coat-pattern evidence the
+        fitted logit over both (candidates are ranked by it too)."""
+        scores = np.asarray(scores, np.float64)
+        if not self.uses_coat:
+            return scores
+        absent = ~np.isfinite(scores)  # an individual left out (or without photos) is never a candidate
+        z = self.a * np.where(absent, 0.0, scores) + self.coat * np.log1p(np.asarray(inliers, np.float64)) + self.b
+        return np.where(absent, -np.inf, z)
+
+    def probability(self, scores, inliers=None) -> np.ndarray:
+        if self.uses_coat:
+            return sigmoid(self.statistic(scores, inliers))
         return sigmoid(self.a * np.asarray(scores, np.float64) + self.b)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("threshold", "probability_threshold", "a", "b", "target_false_merge",
-                                              "estimated", "method", "excluded")}
+                                              "estimated", "method", "excluded", "coat")}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Calibration | None:
@@ -124,8 +150,9 @@ def hold_out_scores(embeddings: np.ndarray, codes: np.ndarray, n_ids: int) -> Ho
 
 
 def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_merge: float = DEFAULT_TARGET_FMR,
-              hold: HoldOut | None = None) -> Calibration:
-    """Fit the threshold and the probabilities on a catalogue (see the module docstring)."""
+              hold: HoldOut | None = None, coat: CoatHoldOut | None = None) -> Calibration:
+    """Fit the threshold and the probabilities on a catalogue (see the module docstring); with
+    ``coat`` (its leave-out coat-pattern inliers) over the global score and the inliers together."""
     if not 0 < target_false_merge < 1:
         raise JaguarKitError(f"target false-merge rate must be between 0 and 1, got {target_false_merge}")
     codes, uniques = pd.factorize(pd.Series(list(identities), dtype=object))
@@ -137,41 +164,57 @@ def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_me
             f"catalogue: {n_ids} individuals, {int(known.sum())} photos with another photo of the same individual; "
             f"calibrating the `new` decision needs at least {MIN_IDENTITIES} individuals and some with 2+ photos"
         )
-    t = threshold_for_rate(h.new_top, target_false_merge)
-    # Probability fit: each photo once as a known individual (its top candidates, the right one
-    # labelled 1) and once as a new one (its top candidates among the others, all 0).
+    rows = np.arange(len(codes))
+    kn = np.flatnonzero(known)
+    others = h.scores.copy()
+    others[rows, codes] = -np.inf
+    zeros = np.zeros(h.scores.shape, np.int64)
+    known_inl, new_inl = (coat.known, coat.new.copy()) if coat is not None else (zeros, zeros.copy())
+    new_inl[rows, codes] = 0
+    # Probability fit: each photo once as a known individual (its candidates, the right one labelled
+    # 1) and once as a new one (its candidates among the others, all 0); the candidates are the top
+    # ones by score and, with coat-pattern evidence, every individual it matched.
+    cases = ((h.scores[kn], known_inl[kn], codes[kn], 1.0 / max(len(kn), 1)),
+             (others, new_inl, np.full(len(codes), -1), 1.0 / len(codes)))
     k = min(FIT_TOP_K, n_ids)
     xs, ys, ws = [], [], []
-    kn = np.flatnonzero(known)
-    top_known = np.argsort(-h.scores[kn], axis=1)[:, :k]
-    s_known = np.take_along_axis(h.scores[kn], top_known, 1)
-    y_known = top_known == codes[kn, None]
-    others = h.scores.copy()
-    others[np.arange(len(codes)), codes] = -np.inf
-    s_new = -np.sort(-others, axis=1)[:, :k]
-    for s, y, weight in ((s_known, y_known, 1.0 / max(len(kn), 1)), (s_new, np.zeros_like(s_new, bool), 1.0 / len(codes))):
-        ok = np.isfinite(s)
-        xs.append(s[ok])
-        ys.append(y[ok])
-        ws.append(np.full(ok.sum(), weight))
+    for s, inl, right, weight in cases:
+        top = np.zeros(s.shape, bool)
+        np.put_along_axis(top, np.argsort(-s, axis=1)[:, :k], True, 1)
+        pick = (top | (inl > 0)) & np.isfinite(s)
+        xs.append(np.stack([s[pick], np.log1p(inl[pick])], axis=1))
+        ys.append((np.arange(n_ids)[None, :] == right[:, None])[pick])
+        ws.append(np.full(pick.sum(), weight))
     x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+    if coat is None:
+        x = x[:, :1]
     coef, b = fit_logistic(x, y, sample_weight=w, l2=1e-3, single_class="fit", max_iter=50)
-    a = float(coef[0])
-    if a <= 0:  # scores carry no signal here (a model that cannot tell these animals apart): flat probabilities
-        a, b = 0.0, float(np.log(max((w * y).sum(), 1e-9) / max((w * (1 - y)).sum(), 1e-9)))
-    top_known_score = np.maximum(h.own, h.new_top)[known]
-    right = (h.own >= h.new_top)[known]
-    estimated = {
-        "false_merge": float(np.mean(h.new_top >= t)),
-        "false_split": float(np.mean(top_known_score < t)),
-        "wrong_individual": float(np.mean((top_known_score >= t) & ~right)),
-        "auroc_known_vs_new": auroc(h.own[known], h.new_top),
+    a, c = float(coef[0]), float(coef[1]) if coat is not None else 0.0
+    if c > 0 and a < 0:  # a global score that counts against the match is noise: the inliers alone
+        coef, b = fit_logistic(x[:, 1:], y, sample_weight=w, l2=1e-3, single_class="fit", max_iter=50)
+        a, c = 0.0, float(coef[0])
+    if a <= 0 and c <= 0:  # scores carry no signal here (a model that cannot tell these animals apart): flat
+        a, c, b = 0.0, 0.0, float(np.log(max((w * y).sum(), 1e-9) / max((w * (1 - y)).sum(), 1e-9)))
+    cal = Calibration(0.0, 0.0, a, float(b), float(target_false_merge), coat=max(c, 0.0))
+    known_stat = cal.statistic(h.scores, known_inl)[known]
+    new_top = cal.statistic(others, new_inl).max(axis=1)
+    t = threshold_for_rate(new_top, target_false_merge)
+    top_known = known_stat.max(axis=1)
+    right = known_stat.argmax(axis=1) == codes[known]
+    cal.threshold = float(t)
+    cal.probability_threshold = float(sigmoid(t) if cal.uses_coat else sigmoid(a * t + b))
+    cal.estimated = {
+        "false_merge": float(np.mean(new_top >= t)),
+        "false_split": float(np.mean(top_known < t)),
+        "wrong_individual": float(np.mean((top_known >= t) & ~right)),
+        "decided_correctly": float(np.mean((top_known >= t) & right)),
+        "auroc_known_vs_new": auroc(known_stat[np.arange(len(kn)), codes[known]], new_top),
         "top1_known": float(np.mean(right)),
         "photos": len(codes),
         "known_photos": int(known.sum()),
         "individuals": int(n_ids),
     }
-    return Calibration(float(t), float(sigmoid(a * t + b)), a, b, float(target_false_merge), estimated)
+    return cal
 
 
 # --- what a decision may say ----------------------------------------------------------------------

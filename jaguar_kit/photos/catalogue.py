@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, atomic_write_text, file_sha256, load_npz
+from ..local import ImageFeatures
 from ..version import __version__
 from .calibration import (
     DEFAULT_TARGET_FMR,
@@ -31,6 +32,7 @@ from .calibration import (
     hold_out_scores,
     suspected_duplicates,
 )
+from .coat import coat_hold_out, photo_features
 from .inputs import (
     Photo,
     duplicate_files,
@@ -46,6 +48,7 @@ from .model import Model, embed_prepared, load_model
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+COAT_CHOICES = ("auto", "on", "off")
 NPZ = "catalogue.npz"
 SUMMARY = "catalogue.json"
 
@@ -66,6 +69,13 @@ class Catalogue:
     warnings: list[str] = field(default_factory=list)
     folder: Path | None = None
     embedded_now: int = 0  # photos embedded by the call that built it (the others were reused)
+    encounters: list[str] = field(default_factory=list)  # each photo's encounter ("" unknown; empty list: none)
+
+    def photos(self) -> list[Photo]:
+        """The catalogue's photos as recorded (paths, boxes, individuals, encounters), not re-read."""
+        encounters = self.encounters or [""] * len(self)
+        return [Photo(Path(path), ident, None if box[0] < 0 else tuple(int(v) for v in box), name, name, enc or None)
+                for path, ident, box, name, enc in zip(self.paths, self.identities, self.boxes, self.names, encounters)]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -118,6 +128,7 @@ class Catalogue:
                 f, keys=np.array(self.keys, dtype=str), identities=np.array(self.identities, dtype=str),
                 names=np.array(self.names, dtype=str), paths=np.array(self.paths, dtype=str),
                 boxes=self.boxes.astype(np.int64).reshape(-1, 4), embeddings=self.embeddings.astype(np.float32),
+                encounters=np.array(self.encounters or [""] * len(self), dtype=str),
                 thumb_lengths=lengths, thumbs=blob, header=np.array(json.dumps(header)),
             )
         atomic_write_text(folder / SUMMARY, json.dumps(header, indent=1) + "\n")
@@ -131,7 +142,7 @@ class Catalogue:
         if not path.is_file():
             raise JaguarKitError(f"{folder}: no catalogue here (make one with: jaguar-kit index --photos DIR --out {folder})")
         z = load_npz(path, ("header", "thumb_lengths", "thumbs", "keys", "identities", "names", "paths", "boxes",
-                            "embeddings"), "readable jaguar_kit catalogue")
+                            "embeddings"), "readable jaguar_kit catalogue", optional=("encounters",))
         try:
             header = json.loads(str(z["header"]))
             lengths = z["thumb_lengths"]
@@ -142,6 +153,7 @@ class Catalogue:
                       list(map(str, z["paths"])), z["boxes"], z["embeddings"], thumbs, header["model"],
                       Calibration.from_dict(header.get("calibration")), list(header.get("warnings", [])),
                       path.parent)
+            cat.encounters = list(map(str, z["encounters"])) if "encounters" in z else []
         except (KeyError, ValueError, TypeError) as e:
             raise JaguarKitError(f"{path}: damaged or not a readable jaguar_kit catalogue (header: {type(e).__name__}: "
                                  f"{e})") from e
@@ -172,19 +184,23 @@ def _box_array(photos: Sequence[Photo]) -> np.ndarray:
 
 def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: str | Path,
                     target_false_merge: float = DEFAULT_TARGET_FMR, replace: bool = False, progress: bool = True,
-                    workers: int = 0) -> Catalogue:
+                    workers: int = 0, coat: str = "auto") -> Catalogue:
     """Index ``photos`` of known individuals into the catalogue ``folder`` (created or updated).
 
     An existing catalogue is updated: the photos listed now replace their earlier entries (a
     relabelled photo takes its new individual), the others stay (``replace`` drops them), and
     only photos whose content is not in it yet are embedded. The model must be the one the
-    catalogue was made with. The calibration is refitted on the result.
+    catalogue was made with. The calibration is refitted on the result; ``coat`` (``auto``,
+    ``on``, ``off``): whether it fuses coat-pattern evidence (:mod:`.coat`) with the global score
+    -- ``auto`` where the catalogue's own held-out photos are decided correctly more often with it.
 
     One writer at a time: the whole update holds the folder's lock (a second ``index`` waits
     for the first), and the catalogue is read under it, so concurrent runs add to each other
     instead of one overwriting the other; a killed run leaves the previous catalogue whole.
     """
     check_target(target_false_merge)
+    if coat not in COAT_CHOICES:
+        raise JaguarKitError(f"coat-pattern evidence: choose one of {', '.join(COAT_CHOICES)}, got {coat!r}")
     if not isinstance(photos, (list, tuple)):
         photos = read_photos(photos, need_identity=True)
     missing = [p for p in photos if p.identity is None]
@@ -192,14 +208,14 @@ def build_catalogue(photos: Sequence[Photo] | str | Path, model: Model, folder: 
         raise JaguarKitError(f"{missing[0].origin}: no individual given; a catalogue needs every photo's individual")
     folder = Path(folder)
     with RunLock(folder, purpose="another `index` updates this catalogue", wait=True):
-        cat = _build(photos, model, folder, target_false_merge, replace, progress, workers)
+        cat = _build(photos, model, folder, target_false_merge, replace, progress, workers, coat)
     for w in cat.warnings:  # the one place they are shown (the command line does not print them again)
         log.warning("warning: %s", w)
     return cat
 
 
 def _build(photos: Sequence[Photo], model: Model, folder: Path, target_false_merge: float, replace: bool,
-           progress: bool, workers: int) -> Catalogue:
+           progress: bool, workers: int, coat: str = "auto") -> Catalogue:
     old = Catalogue.load(folder) if (folder / NPZ).is_file() else None  # read under the lock: the latest
     if old is not None:
         old.check_model(model)
@@ -233,6 +249,7 @@ def _build(photos: Sequence[Photo], model: Model, folder: Path, target_false_mer
     rows_boxes = [_box_array([photos[i]])[0] for i in listed]
     rows_emb = [vector(i) for i in listed]
     rows_thumbs = [thumbs_new.get(keys[i]) or old.thumbs[known[keys[i]]] for i in listed]
+    rows_enc = [photos[i].encounter or "" for i in listed]
     if old is not None:
         relisted = set(rows_keys)
         relabelled = sorted({(old.names[j], old.identities[j]) for j, k in enumerate(old.keys)
@@ -249,11 +266,20 @@ def _build(photos: Sequence[Photo], model: Model, folder: Path, target_false_mer
                     rows_boxes.append(old.boxes[j])
                     rows_emb.append(old.embeddings[j])
                     rows_thumbs.append(old.thumbs[j])
+                    rows_enc.append(old.encounters[j] if old.encounters else "")
     emb = np.stack(rows_emb).astype(np.float32)
     cat = Catalogue(rows_keys, rows_ids, rows_names, rows_paths, np.array(rows_boxes, np.int64).reshape(-1, 4), emb,
-                    rows_thumbs, model_record(model))
+                    rows_thumbs, model_record(model), encounters=rows_enc)
     cat.warnings = _same_file_warnings(photos, keys)
-    cat.calibration, more = calibrate_catalogue(cat, target_false_merge)
+    features = None
+    if coat != "off":
+        try:
+            features = photo_features(cat.photos(), cat.keys, cache, workers, progress)
+        except JaguarKitError as e:
+            if coat == "on":
+                raise
+            cat.warnings.append(f"coat-pattern evidence left out: {e}")
+    cat.calibration, more = calibrate_catalogue(cat, target_false_merge, features, coat)
     cat.warnings += more
     cat.save(folder)
     cat.embedded_now = len(todo_unique)
@@ -278,68 +304,41 @@ def _same_file_warnings(photos: Sequence[Photo], keys: Sequence[str]) -> list[st
             for ids, names in by_ids.items()]
 
 
-def calibrate_catalogue(cat: Catalogue, target_false_merge: float) -> tuple[Calibration | None, list[str]]:
+def calibrate_catalogue(cat: Catalogue, target_false_merge: float, features: list[ImageFeatures] | None = None,
+                        coat: str = "auto") -> tuple[Calibration | None, list[str]]:
     """The catalogue's calibration and its warnings.
 
     Suspected duplicate individuals are found first, on similarities (see
     :func:`~.calibration.suspected_duplicates`), reported, and kept out of the fit: inside it,
     their photos would count as "new" while matching a known name, and push the threshold up
-    until most known photos are called new.
+    until most known photos are called new. With the photos' local ``features``, a second
+    calibration fuses coat-pattern evidence; it is used when ``coat`` is ``on``, or ``auto`` and
+    it decides more of the held-out known photos correctly (both shares are recorded).
     """
     codes, uniques = cat.codes()
     hold = hold_out_scores(cat.embeddings, codes, len(uniques))
     dups = suspected_duplicates(cat.identities, hold)
     warnings = [d.message() for d in dups]
     excluded = sorted({d.excluded for d in dups})
-    keep = ~np.isin(np.array(cat.identities, dtype=object), excluded)
+    keep = np.flatnonzero(~np.isin(np.array(cat.identities, dtype=object), excluded))
+    ids = [cat.identities[i] for i in keep]
+    emb = cat.embeddings[keep]
     try:
-        if excluded:
-            cal = calibrate(cat.embeddings[keep], [i for i, k in zip(cat.identities, keep) if k], target_false_merge)
-        else:
-            cal = calibrate(cat.embeddings, cat.identities, target_false_merge, hold)
+        cal = calibrate(emb, ids, target_false_merge, None if excluded else hold)
+        if features is not None:
+            kept_codes, kept_ids = pd.factorize(pd.Series(ids, dtype=object))
+            evidence = coat_hold_out([features[i] for i in keep], kept_codes, len(kept_ids),
+                                     [(cat.encounters or [""] * len(cat))[i] for i in keep], [cat.keys[i] for i in keep])
+            fused = calibrate(emb, ids, target_false_merge, None if excluded else hold, evidence)
+            compared = {"global score": cal.estimated["decided_correctly"],
+                        "global score + coat pattern": fused.estimated["decided_correctly"]}
+            if fused.uses_coat and (coat == "on" or compared["global score + coat pattern"] > compared["global score"]):
+                cal = fused
+            cal.estimated["decided_correctly_by_evidence"] = compared
     except JaguarKitError as e:
         return None, warnings + [f"not calibrated: {e}"]
     cal.excluded = excluded
     return cal, warnings
-
-
-def catalogue_photos(cat: Catalogue) -> list[Photo]:
-    """The photos a catalogue lists, under its (reviewed) individuals: its recorded paths and boxes.
-
-    Each photo must still be the one that was indexed (its content key): a photo moved,
-    deleted or edited since is refused in one line naming it, never re-embedded or trained
-    on under a label that was given to other pixels.
-    """
-    where = cat.folder / NPZ if cat.folder is not None else Path(NPZ)
-    photos, problems = [], []
-    digests: dict[str, str] = {}
-    for key, identity, name, path, box in zip(cat.keys, cat.identities, cat.names, cat.paths, cat.boxes):
-        photo = Photo(Path(path), identity, None if box[0] < 0 else tuple(int(v) for v in box), name,
-                      f"{where} ({name})")
-        if not photo.path.is_file():
-            problems.append(f"{photo.origin}: {path} not found (moved or deleted since it was indexed)")
-            continue
-        if path not in digests:
-            digests[path] = photo_digest(photo.path)
-        if photo_key(photo, digests[path]) != key:
-            problems.append(f"{photo.origin}: {path} changed since it was indexed (other content)")
-            continue
-        photos.append(photo)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise JaguarKitError(problems[0] + more + "; index the photos again from their folder or CSV")
-    return photos
-
-
-def photos_to_reindex(catalogue: str | Path, out: str | Path, model: str | None) -> list[Photo]:
-    """The photos of ``catalogue`` to embed with another ``model`` into the new catalogue ``out``
-    (never the same folder: the old catalogue stays as it is, to compare and fall back on)."""
-    if os.path.realpath(catalogue) == os.path.realpath(out):
-        raise JaguarKitError(f"{out}: re-indexing writes a new catalogue and leaves {catalogue} as it is; give "
-                             "another --out (compare the two, then keep the better one)")
-    if not model:
-        raise JaguarKitError(f"{catalogue}: re-indexing needs the new model: --model RUN/best.pt")
-    return catalogue_photos(load_catalogue(catalogue))
 
 
 def model_record(model: Model) -> dict:

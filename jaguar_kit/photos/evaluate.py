@@ -20,12 +20,12 @@ from .report import write_identify_report
 
 
 def open_set_split(identities: Sequence[str], new_share: float = 0.3, query_share: float = 0.5,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   seed: int = 0, new: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An identity-disjoint split: ``(catalogue rows, known-query rows, new-query rows)``.
 
-    ``new_share`` of the individuals are held out entirely (their photos are new-individual
-    queries); of each remaining individual ``query_share`` of the photos are queries and the
-    rest (at least one) form the catalogue.
+    ``new_share`` of the individuals (or those named ``new``) are held out entirely (their
+    photos are new-individual queries); of each remaining individual ``query_share`` of the
+    photos are queries and the rest (at least one) form the catalogue.
     """
     ids = np.asarray(list(identities), dtype=object)
     uniques = sorted(set(ids))
@@ -35,7 +35,7 @@ def open_set_split(identities: Sequence[str], new_share: float = 0.3, query_shar
         raise JaguarKitError(f"open-set split: the share of new individuals must be between 0 and 1, got {new_share}")
     rng = np.random.default_rng(seed)
     n_new = min(len(uniques) - MIN_IDENTITIES, max(1, round(new_share * len(uniques))))
-    new = set(rng.choice(uniques, n_new, replace=False))
+    new = set(rng.choice(uniques, n_new, replace=False)) if new is None else set(map(str, new))
     cat_rows, known_rows, new_rows = [], [], []
     for u in uniques:
         rows = np.flatnonzero(ids == u)
@@ -63,8 +63,8 @@ def evaluate_open_set(embeddings: np.ndarray, identities: Sequence[str], new_sha
     cat = Catalogue([str(i) for i in cat_rows], cat_ids, cat_ids, [""] * n, np.full((n, 4), -1),
                     embeddings[cat_rows].astype(np.float32), [b""] * n, {}, cal)
     q = np.concatenate([known_rows, new_rows]).astype(np.int64)
-    top_ids, top_scores, _, _, _ = identify_embeddings(cat, embeddings[q], max(5, top_k))
-    figures = open_set_scores(top_ids, top_scores, [ids[i] for i in q], set(cat_ids), cal.threshold)
+    c = identify_embeddings(cat, embeddings[q], max(5, top_k))
+    figures = open_set_scores(c.ids, c.statistic, [ids[i] for i in q], set(cat_ids), cal.threshold)
     figures.update({
         "target_false_merge": target_false_merge,
         "threshold": cal.threshold,
@@ -79,7 +79,8 @@ def evaluate_open_set(embeddings: np.ndarray, identities: Sequence[str], new_sha
 
 def catalogue_demo(data_dir: str | Path, model_source: str | Path | Model, out_dir: str | Path,
                    new_share: float = 0.3, seed: int = 0, prepared_size: int | None = None,
-                   target_false_merge: float = DEFAULT_TARGET_FMR, progress: bool = True) -> dict:
+                   target_false_merge: float = DEFAULT_TARGET_FMR, progress: bool = True,
+                   new_individuals: Sequence[str] | None = None, coat: str = "auto") -> dict:
     """The own-photos journey on a labelled folder (the demo's synthetic train photos).
 
     Holds ``new_share`` of the individuals out as new, indexes half of each other individual's
@@ -88,14 +89,18 @@ def catalogue_demo(data_dir: str | Path, model_source: str | Path | Model, out_d
     top-1/top-5 of known individuals, AUROC known vs. new, the realised false-merge rate beside its
     target, the false-split rate, and index / identify throughput (photos per second).
     A model fine-tuned on these same individuals has seen the "new" ones: its figures are then
-    optimistic (train it on the catalogue individuals only for an honest open-set figure).
+    optimistic: train it on the catalogue individuals only and name the others ``new_individuals``
+    (held out as new instead of a random ``new_share``) for an honest open-set figure. ``coat``:
+    coat-pattern evidence, as ``jaguar-kit index --coat``.
     """
     out = Path(out_dir)
     photos = read_photos(data_dir, need_identity=True)
-    cat_rows, known_rows, new_rows = open_set_split([p.identity for p in photos], new_share, 0.5, seed)
+    cat_rows, known_rows, new_rows = open_set_split([p.identity for p in photos], new_share, 0.5, seed,
+                                                    new_individuals)
     model = model_source if isinstance(model_source, Model) else load_model(model_source, prepared_size=prepared_size)
     t = time.perf_counter()
-    cat = build_catalogue([photos[i] for i in cat_rows], model, out / "catalogue", target_false_merge, progress=progress)
+    cat = build_catalogue([photos[i] for i in cat_rows], model, out / "catalogue", target_false_merge, progress=progress,
+                          coat=coat)
     index_s = time.perf_counter() - t
     queries = [photos[i] for i in np.concatenate([known_rows, new_rows])]
     t = time.perf_counter()
@@ -103,10 +108,11 @@ def catalogue_demo(data_dir: str | Path, model_source: str | Path | Model, out_d
     identify_s = time.perf_counter() - t
     res.save_csv(out / "identify.csv")
     page = write_identify_report(res, out / "report.html", title="Identification report (demo: held-out jaguars are new)")
-    f = open_set_scores(res.top_ids, res.top_scores, [p.identity for p in queries], set(cat.identities),
+    f = open_set_scores(res.top_ids, res.top_statistic, [p.identity for p in queries], set(cat.identities),
                         cat.calibration.threshold if cat.calibration else float("-inf"))
     figures = {
         "model": model.source,
+        "coat_pattern": bool(cat.calibration and cat.calibration.uses_coat),
         "catalogue_photos": len(cat),
         "known_individuals": len(cat.individuals),
         "new_individuals": len({photos[i].identity for i in new_rows}),

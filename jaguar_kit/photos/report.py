@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from ..files import atomic_write_bytes, atomic_write_text
 from .cluster import Clustering
+from .coat import match_picture
 from .identify import Identification
 from .inputs import Photo, thumbnail_bytes
 
@@ -124,8 +125,14 @@ def _calibration_rows(cat) -> list[dict]:
                          "closest individual"))
     else:
         e = cal.estimated
-        rows.append(_row("Decision rule", f"known individual when its probability ≥ {cal.probability_threshold:.2f} "
-                                          f"(score ≥ {cal.threshold:.3f}), else ", _part("new", badge="new")))
+        if cal.uses_coat:
+            rows.append(_row("Decision rule", f"known individual when its probability ≥ {cal.probability_threshold:.2f}"
+                                              f" (one calibration over the global score and the coat pattern's "
+                                              f"matched keypoints), else ", _part("new", badge="new")))
+        else:
+            rows.append(_row("Decision rule", f"known individual when its probability ≥ "
+                                              f"{cal.probability_threshold:.2f} (score ≥ {cal.threshold:.3f}), else ",
+                             _part("new", badge="new")))
         rows.append(_row("Calibration", f"target false-merge rate {cal.target_false_merge:.0%} (photos of an unseen "
                                         f"animal attached to a known one); on the catalogue, holding each individual "
                                         f"out: false merges {e.get('false_merge', float('nan')):.1%}, known photos "
@@ -156,7 +163,6 @@ def _identify_entries(ident: Identification, thumbs: _Thumbs) -> list[dict]:
     """One entry per query photo: the photo, its candidates, the decision, what to check and review data."""
     cat = ident.catalogue
     cal = cat.calibration
-    t = None if cal is None else cal.threshold
     out = []
     for i, photo in enumerate(ident.photos):
         decision = ident.decisions[i]
@@ -171,12 +177,24 @@ def _identify_entries(ident: Identification, thumbs: _Thumbs) -> list[dict]:
             who = str(ident.top_ids[i, r])
             prob = float(ident.top_probs[i, r])
             j = int(ident.top_photo[i, r])
-            passes = t is not None and ident.top_scores[i, r] >= t
-            lines = [_line(f"{r + 1}. {who}", "name"), _line(f"score {ident.top_scores[i, r]:.3f} · p {_p(prob)}"),
+            passes = cal is not None and bool(ident.top_passes[i, r])
+            evidence = f"score {ident.top_scores[i, r]:.3f}"
+            if ident.top_inliers is not None:
+                evidence += f" · {int(ident.top_inliers[i, r])} keypoints"
+            lines = [_line(f"{r + 1}. {who}", "name"), _line(f"{evidence} · p {_p(prob)}"),
                      _line(f"via {cat.names[j]}", "muted")]
             fig = _figure(thumbs.src(cat.keys[j], lambda j=j: cat.thumbs[j]), lines, prob)
             fig["cls"] = "chosen" if (r == 0 and decision == who) else ("passes" if passes else "")
             candidates.append(fig)
+        matches = None
+        points = ident.match_points[i] if ident.match_points is not None else None
+        if points is not None and len(points):  # why: the same rosettes, joined by lines
+            j = int(ident.top_photo[i, 0])
+            box = None if cat.boxes[j][0] < 0 else tuple(int(v) for v in cat.boxes[j])
+            picture = lambda photo=photo, j=j, box=box, points=points: match_picture(  # noqa: E731
+                photo, cat.paths[j], box, points)
+            matches = {"src": thumbs.src(f"match-{ident.keys[i]}-{cat.keys[j]}", picture), "text": f"{len(points)} matched keypoints between this photo and "
+                                                          f"{cat.names[j]} ({ident.top_ids[i, 0]})"}
         p0 = float(ident.top_probs[i, 0])
         s = ident.top_scores[i]
         # most uncertain first: closest to the decision threshold (uncalibrated: smallest lead of the first candidate)
@@ -185,7 +203,7 @@ def _identify_entries(ident: Identification, thumbs: _Thumbs) -> list[dict]:
         out.append({**_photo_data(photo, ident.keys[i]), "id": f"p{i}", "query": query, "candidates": candidates,
                     "proposed": decision, "decision_class": "new" if decision == "new" else "known",
                     "probability": f"{p0:.4f}" if np.isfinite(p0) else "",
-                    "uncertainty": f"{uncertainty:.4f}", "check": str(ident.table["check"].iloc[i]),
+                    "uncertainty": f"{uncertainty:.4f}", "check": str(ident.table["check"].iloc[i]), "matches": matches,
                     "search": " ".join([photo.label, decision, *map(str, ident.top_ids[i])])})
     return out
 
