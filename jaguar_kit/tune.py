@@ -97,6 +97,7 @@ class TuneResult:
     steps: tuple[Step, ...] = ()  # the chosen pipeline (steps the config has no fields for included)
     reports: dict = field(default_factory=dict)  # step name -> what its fit reports (in-sample)
     decisions: dict = field(default_factory=dict)  # option -> its held-out evidence and whether it is used
+    in_sample_best: Scored | None = None  # the best of every setting on all images, options unchecked
 
     def config_dict(self) -> dict:
         """The partial config ``jaguar-kit submit --config`` reads."""
@@ -283,6 +284,7 @@ def tune(
 
     # The config to use: chosen on the full validation set among the allowed options.
     chosen, scored = choose(arrays, y, ctx, "tune on all")
+    in_sample_best = chosen
     if any(_uses(chosen, o, plain_tta) for o in off):
         kept = {t: a for t, a in arrays.items() if TTA_OPTION not in off or t == plain_tta}
         narrowed = tuple(s.off() if s.name in off else s for s in tuned)
@@ -305,7 +307,8 @@ def tune(
     }
     allowed = [not any(_uses(s, o, plain_tta) for o in off) for s in scored]
     return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base), _table(scored, tuned, allowed),
-                      heldout, reports.get(LocalVerification.name), baselines, chosen.steps, reports, decisions)
+                      heldout, reports.get(LocalVerification.name), baselines, chosen.steps, reports, decisions,
+                      in_sample_best)
 
 
 def _table(scored: Sequence[Scored], steps: Sequence[Step], allowed: Sequence[bool]) -> pd.DataFrame:
