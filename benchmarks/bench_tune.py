@@ -82,7 +82,8 @@ def run_seed(hflip_views: int, seed: int) -> dict:
     result = tune(variants, {names[i]: ids[i] for i in val}, progress=False)
 
     tv, ty = {t: [e[test]] for t, e in emb.items()}, ids[test]
-    configs = {"plain": ("none", tuple(s.off() for s in result.steps)), "old rule": (result.in_sample_best.variant, result.in_sample_best.steps),
+    old = result.in_sample_best
+    configs = {"plain": ("none", tuple(s.off() for s in result.steps)), "old rule": (old.variant, old.steps),
                "noise rule": (result.tta, result.steps)}
     out = {"test_map": {k: test_map(tv, t, s, ty) for k, (t, s) in configs.items()}, "options": {}}
     for option, d in result.decisions.items():
@@ -100,10 +101,10 @@ def run_seed(hflip_views: int, seed: int) -> dict:
 def summarise(runs: list[dict]) -> dict:
     n = len(runs)
     tm = {k: [r["test_map"][k] for r in runs] for k in runs[0]["test_map"]}
+    at_least = lambda other: sum(a >= b - 1e-12 for a, b in zip(tm["noise rule"], tm[other]))  # noqa: E731
     out = {"test_map_mean": {k: round(float(np.mean(v)), 4) for k, v in tm.items()},
-           "noise_rule_at_least_old_rule_on_test": f"{sum(a >= b - 1e-12 for a, b in zip(tm['noise rule'], tm['old rule']))}/{n}",
-           "noise_rule_at_least_plain_on_test": f"{sum(a >= b - 1e-12 for a, b in zip(tm['noise rule'], tm['plain']))}/{n}",
-           "options": {}}
+           "noise_rule_at_least_old_rule_on_test": f"{at_least('old rule')}/{n}",
+           "noise_rule_at_least_plain_on_test": f"{at_least('plain')}/{n}", "options": {}}
     for option in runs[0]["options"]:
         rows = [r["options"][option] for r in runs]
         s = {}
