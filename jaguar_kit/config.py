@@ -214,12 +214,17 @@ def _section_types(cls: type) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
-    """Build a Config from a (possibly partial) nested dict; unknown keys are errors."""
+    """Build a Config from a (possibly partial) nested dict; unknown keys are errors.
+
+    A top-level key starting with ``_`` is a note for people (JSON has no comments) and is skipped.
+    """
     cfg = base if base is not None else Config()
     if not isinstance(d, dict):
         raise JaguarKitError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
     sections = _section_types(Config)
     for sec_name, values in d.items():
+        if str(sec_name).startswith("_"):
+            continue
         if sec_name not in sections:
             raise JaguarKitError(f"{source}: unknown section {sec_name!r} (known: {', '.join(sections)})")
         if not isinstance(values, dict):

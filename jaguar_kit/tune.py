@@ -15,7 +15,18 @@ luck). The validation identities are therefore split in two halves; settings cho
 one half are scored on the other, both ways round, and that held-out gain is what the
 report states. The halves split identities, not images: each half keeps every image of its
 identities, so neighbourhood sizes (QE k, k1, k2) are tuned with as many true matches per
-query as the full set has. The written config is then chosen on all validation images.
+query as the full set has.
+
+An option (a TTA other than the cheapest, query expansion, re-ranking, local verification)
+is used only when the held-out evidence clears its noise. The rule: on each held-out half,
+the per-identity AP of the setting chosen on the other half is compared with the same
+setting with that option switched off (TTA: the cheapest one); the two halves together
+score every identity once, and the option is allowed only when the 90% paired-bootstrap
+interval over identities of that difference (:func:`jaguar_kit.metrics.paired_difference`)
+lies above 0. An option the other half did not choose differs by 0 there. Otherwise the
+simpler choice stands, and the report and ``tuned.json`` (under ``"_why"``) say why, with
+the difference and its interval. The written config is then chosen on all validation
+images among the allowed options only.
 
 Outputs (``write_outputs``): ``tuned.json`` -- a partial config (``embed.tta`` and the whole
 ``retrieval`` section) that ``jaguar-kit submit --config tuned.json`` reads --,
@@ -38,7 +49,7 @@ import pandas as pd
 from .config import RetrievalConfig
 from .errors import JaguarKitError
 from .files import atomic_write_text
-from .metrics import identity_balanced_map
+from .metrics import Difference, RetrievalScore, identity_balanced_map, paired_difference
 from .retrieval.pipeline import Pipeline
 from .retrieval.search import Scored, search
 from .retrieval.step import Context, Step, start
@@ -85,6 +96,8 @@ class TuneResult:
     baselines: dict = field(default_factory=dict)
     steps: tuple[Step, ...] = ()  # the chosen pipeline (steps the config has no fields for included)
     reports: dict = field(default_factory=dict)  # step name -> what its fit reports (in-sample)
+    decisions: dict = field(default_factory=dict)  # option -> its held-out evidence and whether it is used
+    in_sample_best: Scored | None = None  # the best of every setting on all images, options unchecked
 
     def config_dict(self) -> dict:
         """The partial config ``jaguar-kit submit --config`` reads."""
@@ -102,10 +115,57 @@ def split_identities(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return a, ~a
 
 
+def _score(variants, tta: str, steps: Sequence[Step], y: np.ndarray, ctx: Context) -> RetrievalScore:
+    """The score (per identity too) of a finished choice on a set of images."""
+    return identity_balanced_map(Pipeline(tuple(steps)).run(variants[tta], ctx), y)
+
+
 def _evaluate(variants, tta: str, steps: Sequence[Step], y: np.ndarray, ctx: Context) -> tuple[float, float]:
     """mAP and rank-1 of a finished choice on a set of images."""
-    r = identity_balanced_map(Pipeline(tuple(steps)).run(variants[tta], ctx), y)
+    r = _score(variants, tta, steps, y, ctx)
     return r.map, r.rank1
+
+
+TTA_OPTION = "tta"
+
+
+def _options(steps: Sequence[Step], space: Mapping[str, tuple], searched: Sequence[bool], n: int,
+             variants: Sequence[str]) -> list[str]:
+    """The options the search can switch on and off: TTA when several are given, and each step whose
+    candidates include it both active and not (the similarity itself cannot be off)."""
+    out = [TTA_OPTION] if len(variants) > 1 else []
+    for s, on in zip(steps, searched):
+        if on and {s.with_settings(**c).active for c in s.candidates(space, n)} == {True, False}:
+            out.append(s.name)
+    return out
+
+
+def _uses(choice: Scored, option: str, plain_tta: str) -> bool:
+    if option == TTA_OPTION:
+        return choice.variant != plain_tta
+    return any(s.name == option and s.active for s in choice.steps)
+
+
+def _without(choice: Scored, option: str, plain_tta: str) -> tuple[str, tuple[Step, ...]]:
+    """(TTA, steps) of ``choice`` with ``option`` switched off: the simpler choice it is compared with."""
+    if option == TTA_OPTION:
+        return plain_tta, choice.steps
+    return choice.variant, tuple(s.off() if s.name == option else s for s in choice.steps)
+
+
+def _decision(option: str, d: Difference, chosen_on: int, halves: int) -> dict:
+    """What the report and ``tuned.json`` say of one option."""
+    allowed = bool(d.clears_noise)
+    if chosen_on == 0:
+        why = "not chosen on either held-out half: off (the simpler choice)"
+    elif allowed:
+        why = f"held-out gain {d} clears the noise (interval above 0): allowed"
+    else:
+        why = (f"held-out gain {d} does not clear the noise (interval not above 0): off, the simpler "
+               f"choice stands")
+    return {"option": option, "allowed": allowed, "chosen_on_halves": f"{chosen_on}/{halves}",
+            "heldout_gain": d.mean, "interval": [d.low, d.high], "level": d.level, "identities": d.n_identities,
+            "why": why}
 
 
 def _describe(tta: str, steps: Sequence[Step]) -> dict:
@@ -181,13 +241,25 @@ def tune(
     given = Pipeline(given_steps).without_images().steps
 
     # Held-out estimate: choose on one half of the identities, score on the other, both ways.
+    # Each option is also scored switched off on the held-out half: the paired evidence for it.
     half_a, half_b = split_identities(y, seed)
+    options = _options(tuned, space, searched, len(y), list(arrays))
+    with_option: dict[str, list] = {o: [] for o in options}
+    without_option: dict[str, list] = {o: [] for o in options}
+    chosen_on = dict.fromkeys(options, 0)
     swaps = []
     for tune_mask, test_mask, tag in ((half_a, half_b, "A->B"), (half_b, half_a, "B->A")):
         tv, ty, tc = subset(tune_mask)
         ev, ey, ec = subset(test_mask)
         chosen, _ = choose(tv, ty, tc, f"tune on half {tag[0]}")
-        m, r1 = _evaluate(ev, chosen.variant, chosen.steps, ey, ec)
+        held = _score(ev, chosen.variant, chosen.steps, ey, ec)
+        m, r1 = held.map, held.rank1
+        for o in options:
+            used = _uses(chosen, o, plain_tta)
+            chosen_on[o] += used
+            simpler = _score(ev, *_without(chosen, o, plain_tta), ey, ec) if used else held
+            with_option[o].append(held.per_identity["map"].to_numpy())
+            without_option[o].append(simpler.per_identity["map"].to_numpy())
         swaps.append({
             "swap": tag, "tune_images": int(tune_mask.sum()), "test_images": int(test_mask.sum()),
             "chosen": _describe(chosen.variant, chosen.steps),
@@ -206,8 +278,22 @@ def tune(
     heldout["gain_over_plain"] = heldout["mean_chosen_map"] - heldout["mean_plain_map"]
     heldout["gain_over_given"] = heldout["mean_chosen_map"] - heldout["mean_given_map"]
 
-    # The config to use: everything chosen on the full validation set.
+    decisions = {o: _decision(o, paired_difference(np.concatenate(with_option[o]), np.concatenate(without_option[o]),
+                                                   seed=seed), chosen_on[o], len(swaps)) for o in options}
+    off = {o for o, d in decisions.items() if not d["allowed"]}
+
+    # The config to use: chosen on the full validation set among the allowed options.
     chosen, scored = choose(arrays, y, ctx, "tune on all")
+    in_sample_best = chosen
+    if any(_uses(chosen, o, plain_tta) for o in off):
+        kept = {t: a for t, a in arrays.items() if TTA_OPTION not in off or t == plain_tta}
+        narrowed = tuple(s.off() if s.name in off else s for s in tuned)
+        only = [on and s.name not in off for s, on in zip(tuned, searched)]
+        chosen, more = search(kept, y, ctx, narrowed, space, only, progress, "tune on all, allowed options")
+        seen = {tuple(s.row().items()) for s in scored}
+        scored = scored + [s for s in more if tuple(s.row().items()) not in seen]
+    for o, d in decisions.items():
+        d["used"] = _uses(chosen, o, plain_tta)
     reports = {}
     for step, state in Pipeline(chosen.steps).states(start(arrays[chosen.variant], ctx)):
         report = step.report(state, y) if step is not None else None
@@ -219,16 +305,19 @@ def tune(
         "chosen": {"tta": chosen.variant, "map": chosen.map,
                    "note": "in-sample: the held-out figures are the honest ones"},
     }
-    return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base), _table(scored, tuned), heldout,
-                      reports.get(LocalVerification.name), baselines, chosen.steps, reports)
+    allowed = [not any(_uses(s, o, plain_tta) for o in off) for s in scored]
+    return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base), _table(scored, tuned, allowed),
+                      heldout, reports.get(LocalVerification.name), baselines, chosen.steps, reports, decisions,
+                      in_sample_best)
 
 
-def _table(scored: Sequence[Scored], steps: Sequence[Step]) -> pd.DataFrame:
-    """Every setting scored, best first; columns: tta, the steps' parameters in pipeline order, map, rank1."""
-    rows = [s.row() for s in scored]
+def _table(scored: Sequence[Scored], steps: Sequence[Step], allowed: Sequence[bool]) -> pd.DataFrame:
+    """Every setting scored, best first; columns: tta, the steps' parameters in pipeline order, map, rank1,
+    allowed (whether it uses only options that cleared the held-out noise: the choice is the best of those)."""
+    rows = [{**s.row(), "allowed": a} for s, a in zip(scored, allowed)]
     table = pd.DataFrame(rows)
     params = [f.name for s in steps for f in dataclasses.fields(s) if f.name in table]
-    table = table[["tta", *params, "map", "rank1"]]
+    table = table[["tta", *params, "map", "rank1", "allowed"]]
     for c in params:  # a setting a row does not use (k1 with re-ranking off) is blank, integers stay integers
         if all(isinstance(r[c], int) and not isinstance(r[c], bool) for r in rows if c in r):
             table[c] = table[c].astype("Int64")
@@ -241,12 +330,14 @@ def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"config": out / "tuned.json", "table": out / "tune_table.csv", "report": out / "tune_report.json"}
     atomic_write_text(paths["table"], result.table.to_csv(index=False))
-    report = {"chosen": _describe(result.tta, result.steps), "heldout": result.heldout,
+    report = {"chosen": _describe(result.tta, result.steps), "decisions": result.decisions,
+              "heldout": result.heldout,
               "validation_in_sample": result.baselines, "calibration": result.calibration_quality,
               "fitted_steps": result.reports, "table": paths["table"].name,
               "top_settings": [{k: v for k, v in r.items() if not pd.isna(v)} for r in result.table.head(10).to_dict("records")]}
     atomic_write_text(paths["report"], json.dumps(report, indent=2, default=float) + "\n")
-    atomic_write_text(paths["config"], json.dumps(result.config_dict(), indent=2) + "\n")
+    why = {o: d["why"] for o, d in result.decisions.items()}  # "_" keys are notes the config loader skips
+    atomic_write_text(paths["config"], json.dumps({**result.config_dict(), "_why": why}, indent=2) + "\n")
     return paths
 
 
@@ -256,6 +347,7 @@ def summary(result: TuneResult) -> str:
              f"held-out (choose on half the identities, score on the other, both ways): mAP "
              f"{h['mean_chosen_map']:.4f} vs plain {h['mean_plain_map']:.4f} ({h['gain_over_plain']:+.4f}) "
              f"vs given settings {h['mean_given_map']:.4f} ({h['gain_over_given']:+.4f})"]
+    lines += [f"{o}: {d['why']}" for o, d in result.decisions.items()]
     if result.calibration_quality:
         q = result.calibration_quality
         lines.append(f"fusion calibration: log-loss {q['log_loss']:.3f}, Brier {q['brier']:.3f}, ECE {q['ece']:.3f} "

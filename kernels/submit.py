@@ -174,6 +174,8 @@ for i, k in enumerate(KEYS):
 # ## Tune on validation
 # Every setting is scored with the competition's identity-balanced mAP on the validation images;
 # the printed table is the top of the one it chose from (`tuned/tune_table.csv` has every row).
+# An option (QE, re-ranking, local verification) is used only when its gain on held-out identities clears
+# its noise (90% paired-bootstrap interval above 0); the printed lines say why for each.
 # With several models, the ensemble is tuned on the models that validated on the same fold.
 
 # %%

@@ -36,9 +36,46 @@ def test_tune_picks_the_better_tta_and_the_written_config_reproduces_its_score()
     assert result.tta == "none"
     y = [labels[n] for n in names]
     got = identity_balanced_map(final_similarity([clean], result.retrieval), y).map
-    assert got == pytest.approx(result.table["map"].max(), abs=1e-9)  # submit will see what tune saw
+    allowed = result.table[result.table["allowed"]]
+    assert got == pytest.approx(allowed["map"].max(), abs=1e-9)  # submit will see what tune saw
     assert result.config_dict()["embed"] == {"tta": "none"}
     assert not result.retrieval.local_verify  # no images given: no local stage
+
+
+def _decided(result):
+    return {o: d["allowed"] for o, d in result.decisions.items()}
+
+
+def test_an_option_better_by_a_clear_margin_is_chosen_with_its_interval():
+    # flip4 embeddings are clean, the cheaper "none" noisy: a held-out gain far above its noise
+    for seed in range(2):
+        names, clean, labels = fake_embeddings(n_ids=20, seed=seed)
+        noisy = clean + 1.5 * np.random.default_rng(seed + 9).normal(size=clean.shape).astype(np.float32)
+        result = tune({"none": [Embeddings(names, noisy)], "flip4": [Embeddings(names, clean)]}, labels, grid=SMALL,
+                      progress=False)
+        tta = result.decisions["tta"]
+        assert tta["allowed"] and tta["used"] and result.tta == "flip4"
+        assert tta["interval"][0] > 0.1 and tta["chosen_on_halves"] == "2/2" and tta["identities"] == 20
+        assert "clears the noise" in tta["why"]
+
+
+def test_options_that_only_won_in_sample_are_not_written():
+    # No identity signal: on the full set the best of the grid uses re-ranking or QE (what tune wrote
+    # before), but held out their gain is noise, so the written config keeps the simpler choice.
+    in_sample_fancy, written_plain = 0, 0
+    for seed in range(4):
+        names, _, labels = fake_embeddings(n_ids=16, per_id=4)
+        vecs = np.random.default_rng(seed).normal(size=(len(names), 16)).astype(np.float32)
+        result = tune({"none": [Embeddings(names, vecs)]}, labels, grid=SMALL, progress=False)
+        best = result.table.iloc[0]
+        in_sample_fancy += bool(best["rerank"]) or best["query_expansion_k"] > 0
+        written_plain += not result.retrieval.rerank and result.retrieval.query_expansion_k == 0
+        for o, d in result.decisions.items():
+            assert d["allowed"] == (d["interval"][0] > 0)
+            if not d["allowed"]:
+                assert not d["used"] and "interval" in d["why"] and "simpler" in d["why"]
+    assert in_sample_fancy >= 3
+    assert written_plain >= 3
 
 
 def test_identity_halves_are_disjoint_and_cover_every_image():
@@ -89,10 +126,14 @@ def test_cli_tune_writes_a_config_that_submit_uses(competition, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "held-out" in r.stdout
     cfg = load_config(tmp_path / "tuned" / "tuned.json")  # readable by --config
+    why = json.loads((tmp_path / "tuned" / "tuned.json").read_text())["_why"]
+    assert set(why) == {"tta", "query_expansion", "rerank"}  # every option it could switch on says why
+    for option, reason in why.items():
+        assert f"{option}: {reason}" in r.stdout
     report = json.loads((tmp_path / "tuned" / "tune_report.json").read_text())
     assert report["chosen"]["tta"] == cfg.embed.tta
     table = pd.read_csv(tmp_path / "tuned" / "tune_table.csv")
-    assert len(table) > 100 and {"tta", "query_expansion_k", "rerank", "k1", "map"} <= set(table.columns)
+    assert len(table) > 100 and {"tta", "query_expansion_k", "rerank", "k1", "map", "allowed"} <= set(table.columns)
 
     r = run_cli("submit", "--config", tmp_path / "tuned" / "tuned.json", "--data", competition,
                 "--out", tmp_path / "sub", "--embeddings", paths["test"])

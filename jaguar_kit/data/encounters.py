@@ -5,8 +5,16 @@ encounter-mate is in training is matched by its scene as much as by its coat: ra
 folds overstate the test (facts.md). Folds therefore never split an encounter
 (``folds.make_folds(groups=...)``).
 
-Where train.csv names no encounter (:data:`competition.ENCOUNTER_COLUMNS`), it is inferred
-as near-duplicate groups, the scheme the best documented jaguar validation used (facts.md):
+Where train.csv names no encounter (:data:`competition.ENCOUNTER_COLUMNS`), it is inferred,
+within each identity, first from the photos' EXIF (:func:`photo_clock`):
+
+    photos with a DateTimeOriginal, taken by the same camera (Make, Model and body serial
+    number, where present; a photo that names none of them counts as one unnamed camera),
+    are one encounter while each follows the one before it by at most ``gap_s`` seconds
+    (:data:`EXIF_GAP_S`, 60 s: a burst and the pass it belongs to, not the next visit);
+
+then, for the photos without an EXIF time, as near-duplicate groups, the scheme the best
+documented jaguar validation used (facts.md):
 
     two photos of the same identity whose perceptual hashes (:func:`image_hash`) differ in
     at most ``NEAR_DUPLICATE_BITS`` of their 256 bits are of one encounter, and encounters
@@ -28,12 +36,14 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from ..files import atomic_write_text
 from ..kaggle.env import default_prepared_root
@@ -43,6 +53,52 @@ HASH_CACHE = "encounter_hashes.json"
 
 HASH_SIZE = 16  # a 16 x 16 grid of horizontal differences: 256 bits
 NEAR_DUPLICATE_BITS = 64  # at most this many differing bits (of 256, a quarter): one encounter
+EXIF_GAP_S = 60.0  # one camera's photos of one identity at most this many seconds apart: one encounter
+_EXIF_TIME = "%Y:%m:%d %H:%M:%S"
+_EPOCH = datetime(1970, 1, 1)
+
+
+def photo_clock(path: str | Path) -> tuple[float | None, str]:
+    """(EXIF DateTimeOriginal as seconds, the camera: "Make|Model|serial"); (None, "") without a readable time.
+
+    Only the header is read. A PNG's EXIF counts when its eXIf chunk comes before the pixels (after
+    them, reading it would decode the whole frame).
+    """
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+            else:
+                exif = im.getexif()
+            sub = exif.get_ifd(ExifTags.IFD.Exif)
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):  # PIL's errors for unreadable headers
+        return None, ""
+    stamp = sub.get(ExifTags.Base.DateTimeOriginal)
+    try:  # the camera's wall clock, no time zone: read as UTC (only differences matter)
+        taken = datetime.strptime(str(stamp).strip("\x00 "), _EXIF_TIME) if stamp else None
+    except ValueError:  # "0000:00:00 00:00:00" and other cameras' placeholders: no time
+        taken = None
+    if taken is None:
+        return None, ""
+    names = (exif.get(ExifTags.Base.Make), exif.get(ExifTags.Base.Model), sub.get(ExifTags.Base.BodySerialNumber))
+    return (taken - _EPOCH).total_seconds(), "|".join("" if v is None else str(v).strip("\x00 ") for v in names)
+
+
+def time_groups(seconds: Sequence[float], cameras: Sequence[str], gap_s: float = EXIF_GAP_S) -> np.ndarray:
+    """Encounters of photos by clock: per camera, time-sorted photos at most ``gap_s`` apart chain into one."""
+    t = np.asarray(seconds, dtype=np.float64)
+    cams = np.asarray([str(c) for c in cameras])
+    out = np.empty(len(t), dtype=np.int64)
+    label = 0
+    for cam in np.unique(cams):
+        rows = np.flatnonzero(cams == cam)
+        rows = rows[np.argsort(t[rows], kind="stable")]
+        breaks = np.concatenate([[True], np.diff(t[rows]) > gap_s])
+        out[rows] = label + np.cumsum(breaks) - 1
+        label += int(breaks.sum())
+    return out
 
 
 def image_hash(path: str | Path) -> np.ndarray:
@@ -100,14 +156,27 @@ def near_duplicate_groups(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BIT
 
 
 def infer_encounters(identities: Sequence[str], paths: Sequence[str | Path],
-                     max_bits: int = NEAR_DUPLICATE_BITS, cache: Path | None = None) -> np.ndarray:
-    """Each photo's inferred encounter: near-duplicate groups within its identity (module docstring)."""
+                     max_bits: int = NEAR_DUPLICATE_BITS, cache: Path | None = None,
+                     gap_s: float = EXIF_GAP_S) -> np.ndarray:
+    """Each photo's inferred encounter within its identity: by EXIF time and camera where a photo has
+    them, else by near-duplicate hashes (module docstring). Names start with ``~``; the two kinds never meet."""
     ids = np.asarray([str(i) for i in identities])
-    hashes = image_hashes(list(paths), cache)
+    paths = list(paths)
+    clocks = [photo_clock(p) for p in paths]
+    timed = np.array([t is not None for t, _ in clocks], dtype=bool)
+    untimed = np.flatnonzero(~timed)
+    hashes = np.zeros((len(ids), HASH_SIZE**2), bool)
+    if len(untimed):
+        hashes[untimed] = image_hashes([paths[i] for i in untimed], cache)
     out = np.empty(len(ids), dtype=object)
     for identity in np.unique(ids):
-        rows = np.flatnonzero(ids == identity)
-        out[rows] = [f"~{identity}~{c}" for c in near_duplicate_groups(hashes[rows], max_bits)]
+        rows = np.flatnonzero((ids == identity) & timed)
+        if len(rows):
+            groups = time_groups([clocks[i][0] for i in rows], [clocks[i][1] for i in rows], gap_s)
+            out[rows] = [f"~{identity}~exif{c}" for c in groups]
+        rows = np.flatnonzero((ids == identity) & ~timed)
+        if len(rows):
+            out[rows] = [f"~{identity}~{c}" for c in near_duplicate_groups(hashes[rows], max_bits)]
     return out
 
 
@@ -128,5 +197,5 @@ def train_encounters(train: pd.DataFrame, cache: Path | None = None) -> np.ndarr
     return out
 
 
-__all__ = ["HASH_SIZE", "NEAR_DUPLICATE_BITS", "HASH_CACHE", "image_hash", "image_hashes", "near_duplicate_groups",
-           "infer_encounters", "train_encounters"]
+__all__ = ["HASH_SIZE", "NEAR_DUPLICATE_BITS", "EXIF_GAP_S", "HASH_CACHE", "image_hash", "image_hashes",
+           "near_duplicate_groups", "photo_clock", "time_groups", "infer_encounters", "train_encounters"]
