@@ -341,6 +341,45 @@ def calibrate_catalogue(cat: Catalogue, target_false_merge: float, features: lis
     return cal, warnings
 
 
+def catalogue_photos(cat: Catalogue) -> list[Photo]:
+    """The photos a catalogue lists, under its (reviewed) individuals: its recorded paths and boxes.
+
+    Each photo must still be the one that was indexed (its content key): a photo moved,
+    deleted or edited since is refused in one line naming it, never re-embedded or trained
+    on under a label that was given to other pixels.
+    """
+    where = cat.folder / NPZ if cat.folder is not None else Path(NPZ)
+    photos, problems = [], []
+    digests: dict[str, str] = {}
+    for key, identity, name, path, box in zip(cat.keys, cat.identities, cat.names, cat.paths, cat.boxes):
+        photo = Photo(Path(path), identity, None if box[0] < 0 else tuple(int(v) for v in box), name,
+                      f"{where} ({name})")
+        if not photo.path.is_file():
+            problems.append(f"{photo.origin}: {path} not found (moved or deleted since it was indexed)")
+            continue
+        if path not in digests:
+            digests[path] = photo_digest(photo.path)
+        if photo_key(photo, digests[path]) != key:
+            problems.append(f"{photo.origin}: {path} changed since it was indexed (other content)")
+            continue
+        photos.append(photo)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise JaguarKitError(problems[0] + more + "; index the photos again from their folder or CSV")
+    return photos
+
+
+def photos_to_reindex(catalogue: str | Path, out: str | Path, model: str | None) -> list[Photo]:
+    """The photos of ``catalogue`` to embed with another ``model`` into the new catalogue ``out``
+    (never the same folder: the old catalogue stays as it is, to compare and fall back on)."""
+    if os.path.realpath(catalogue) == os.path.realpath(out):
+        raise JaguarKitError(f"{out}: re-indexing writes a new catalogue and leaves {catalogue} as it is; give "
+                             "another --out (compare the two, then keep the better one)")
+    if not model:
+        raise JaguarKitError(f"{catalogue}: re-indexing needs the new model: --model RUN/best.pt")
+    return catalogue_photos(load_catalogue(catalogue))
+
+
 def model_record(model: Model) -> dict:
     """What a catalogue records of its model: the source (a checkpoint as an absolute path, with
     the file's SHA-256, so it is found again when moved) and the fingerprint."""
