@@ -163,8 +163,9 @@ OWN_FIGURES = ("top1_known", "top5_known", "auroc_known_vs_new", "correct_known"
                "identify_photos_per_s")
 
 
-def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline: float, progress: bool) -> dict:
-    """The ecologist's journey on the demo's jaguars: 30% of them held out as new individuals, a
+def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline: float, progress: bool,
+                    seed: int = 0) -> dict:
+    """The ecologist's journey on the demo's jaguars: 30% of them (drawn by ``seed``) held out as new individuals, a
     catalogue of half the photos of the others; a model fine-tuned on the catalogue alone (it never
     sees the new ones); identification with the frozen and the fine-tuned model, each by the global
     score alone and with coat-pattern evidence. Returns the figures of the four, by model."""
@@ -176,7 +177,7 @@ def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline
     from .train.engine import train
 
     photos = read_photos(data, need_identity=True)
-    cat_rows, _, new_rows = open_set_split([p.identity for p in photos], 0.3, 0.5, seed=0)
+    cat_rows, _, new_rows = open_set_split([p.identity for p in photos], 0.3, 0.5, seed=seed)
     new = sorted({photos[i].identity for i in new_rows})
     c = copy.deepcopy(cfg)
     c.train.epochs = min(OWN_EPOCHS, cfg.train.epochs)
@@ -189,8 +190,8 @@ def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline
         raise KeyboardInterrupt
     figures = {}
     for name, source in (("frozen", f"frozen:{cfg.model.backbone}"), ("finetuned", run.best_checkpoint)):
-        f = catalogue_demo(data, source, out / name, prepared_size=cfg.data.prepared_size, progress=progress,
-                           new_individuals=new, coat="on")
+        f = catalogue_demo(data, source, out / name, seed=seed, prepared_size=cfg.data.prepared_size,
+                           progress=progress, new_individuals=new, coat="on")
         figures[name] = {evidence: {k: round(v, 4) for k, v in by.items() if k in OWN_FIGURES}
                          for evidence, by in f["by_evidence"].items()}
         figures[name]["target_false_merge"] = f["target_false_merge"]

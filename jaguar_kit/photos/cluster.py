@@ -18,7 +18,10 @@ at least ``1 - target_false_merge`` of the time. Without a catalogue it must be 
 name only when a strict majority of its photos are identified as that individual, else it is
 ``new-001``, ``new-002``, ... (largest first); groups that take the same individual's name are
 one group (the same animal seen on different occasions). Disagreements inside a group are spelled
-out in its ``check`` column.
+out in its ``check`` column. Each photo is identified exactly as ``identify`` would: where the
+catalogue's calibration uses coat-pattern evidence (:mod:`.coat`), with it. The grouping itself
+links photos by the global embedding only (matching every pair of unlabelled photos by their
+keypoints is left for later).
 """
 
 from __future__ import annotations
@@ -249,7 +252,8 @@ def cluster(photos: Sequence[Photo] | str | Path, model: Model | str | None = No
     if cache_dir is None:
         cache_dir = cat.cache_dir(user_cache_dir()) if cat is not None else user_cache_dir()
     keys, emb, files = embed_photos(model, photos, cache_dir, progress=progress, workers=workers)
-    ident = _identification(cat, photos, keys, files, emb, top_k) if cat is not None else None
+    ident = (_identification(cat, photos, keys, files, emb, top_k, Path(cache_dir), progress, workers)
+             if cat is not None else None)
     decisions = ident.decisions if ident else None
     probs = [float(p) for p in ident.top_probs[:, 0]] if ident else None
     groups, names, checks = name_groups(group_photos(emb, threshold, linkage), decisions, probs)
