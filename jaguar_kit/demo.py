@@ -164,11 +164,13 @@ OWN_FIGURES = ("top1_known", "top5_known", "auroc_known_vs_new", "correct_known"
 
 
 def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline: float, progress: bool,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, train_seconds: float = 150.0) -> dict:
     """The ecologist's journey on the demo's jaguars: 30% of them (drawn by ``seed``) held out as new individuals, a
     catalogue of half the photos of the others; a model fine-tuned on the catalogue alone (it never
     sees the new ones); identification with the frozen and the fine-tuned model, each by the global
-    score alone and with coat-pattern evidence. Returns the figures of the four, by model."""
+    score alone and with coat-pattern evidence. The fine-tuning stops after ``train_seconds`` (and
+    before ``deadline``, the demo's end, less two minutes to identify), at least one minute.
+    Returns the figures of the four, by model."""
     import copy
 
     from .photos.evaluate import catalogue_demo, open_set_split
@@ -182,7 +184,7 @@ def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline
     c = copy.deepcopy(cfg)
     c.train.epochs = min(OWN_EPOCHS, cfg.train.epochs)
     c.data.fold = -1  # a catalogue is small: every photo trains, for a few epochs (no validation split to spare)
-    c.train.time_budget_h = max(60.0, min(OWN_TRAIN_S, deadline - time.monotonic() - 120)) / 3600
+    c.train.time_budget_h = max(60.0, min(train_seconds, deadline - time.monotonic() - 120)) / 3600
     print(f"    fine-tuning on the {len(cat_rows)} catalogue photos ({c.train.epochs} epochs at most)")
     with photos_as_competition([photos[i] for i in cat_rows], out / "run", progress=progress) as folder:
         run = train(c, folder, out / "run", prepared_root=prepared, progress=progress)
@@ -200,7 +202,6 @@ def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline
 
 
 OWN_EPOCHS = 6
-OWN_TRAIN_S = 150.0  # the fine-tuning on the catalogue's photos: at most this long
 
 
 def _own_photos_table(own: dict) -> str:
