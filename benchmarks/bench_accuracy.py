@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaguar_kit.data.competition import load_competition  # noqa: E402
-from jaguar_kit.data.synth import generate_competition, render_image  # noqa: E402
+from jaguar_kit.data.synth import generate_competition  # noqa: E402
+from jaguar_kit.data.synth_image import render_image  # noqa: E402
 from jaguar_kit.demo import demo_config  # noqa: E402
 from jaguar_kit.local import SiftMatcher, compute_local_features  # noqa: E402
 from jaguar_kit.metrics import identity_balanced_map  # noqa: E402
