@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY_OVERRIDES, run_cli
+from conftest import REPO, TINY_OVERRIDES, cli_env, run_cli
 from photo_layouts import gaussian_embeddings
 
 from jaguar_kit.chunks import load_chunk, save_chunk
@@ -48,6 +51,20 @@ def test_frozen_source_is_parsed_in_one_place():
     assert frozen_backbone("runs/a/best.pt") is None
     with pytest.raises(JaguarKitError, match="needs a backbone name"):
         frozen_backbone("frozen:")
+
+
+def test_no_other_module_parses_the_frozen_source_and_the_parser_needs_no_torch():
+    """Every reader asks ``frozen_backbone``: no string test of ``frozen:`` elsewhere; and a catalogue
+    reads which model made it without loading torch (the command line's error paths stay fast)."""
+    files = [*(REPO / "jaguar_kit").rglob("*.py"), *(REPO / "kernels").glob("*.py")]
+    parsing = sorted(str(f.relative_to(REPO)) for f in files
+                     if re.search(r"""["']frozen:["'{]|startswith\(["']frozen""", f.read_text()))
+    assert parsing == ["jaguar_kit/models/backbones.py"]
+    code = ("import sys\nimport jaguar_kit.models, jaguar_kit.models.backbones, jaguar_kit.photos.catalogue\n"
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules\n"
+            "assert jaguar_kit.models.build_model.__module__ == 'jaguar_kit.models.heads'\n")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_checkpoint_refuses_an_input_size_it_was_not_trained_at(tmp_path):
@@ -130,3 +147,4 @@ def test_the_open_set_call_and_the_photo_embeddings_have_their_own_names():
 def test_a_worker_that_dies_stops_the_pool_in_one_line():
     with pytest.raises(JaguarKitError, match="a worker process died"):
         list(run_tasks(os._exit, [3, 4, 5], workers=2))
+
