@@ -31,10 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaguar_kit.data.competition import load_competition  # noqa: E402
-from jaguar_kit.data.synth import generate_competition, render_image  # noqa: E402
+from jaguar_kit.data.synth import generate_competition  # noqa: E402
+from jaguar_kit.data.synth_image import render_image  # noqa: E402
 from jaguar_kit.demo import demo_config  # noqa: E402
 from jaguar_kit.local import SiftMatcher, compute_local_features  # noqa: E402
 from jaguar_kit.metrics import identity_balanced_map  # noqa: E402
+from jaguar_kit.models.backbones import frozen_source  # noqa: E402
 from jaguar_kit.pipeline import embed_split, read_labels, split_images  # noqa: E402
 from jaguar_kit.retrieval import (LocalVerification, final_similarity, fit_calibration, fuse_shortlist,  # noqa: E402
                                   shortlist, verify_shortlist)
@@ -148,7 +150,7 @@ def main() -> None:
         return cal
 
     stage("frozen backbone: validation and test embeddings")
-    frozen = f"frozen:{cfg.model.backbone}"
+    frozen = frozen_source(cfg.model.backbone)
     fv, ft = embed(frozen, "val", "none"), embed(frozen, "test", "none")
     rows_val["frozen, global only"] = score(sim_of(fv, base), fv.names, labels)
     rows_test["frozen, global only"] = score(sim_of(ft, base), ft.names, solution)

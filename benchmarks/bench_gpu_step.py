@@ -30,7 +30,7 @@ from jaguar_kit.config import Config, apply_overrides  # noqa: E402
 from jaguar_kit.losses import ReIDCriterion  # noqa: E402
 from jaguar_kit.models import build_model  # noqa: E402
 from jaguar_kit.optim import build_optimizer  # noqa: E402
-from jaguar_kit.train.engine import TrainModule  # noqa: E402
+from jaguar_kit.train.state import TrainModule  # noqa: E402
 from jaguar_kit.train.memory import fit_batch, is_out_of_memory, probe_step  # noqa: E402
 
 T4_BYTES = 15 * 1024**3  # usable memory of a 16 GB T4

@@ -74,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         data = nullcontext(args.data)
     with data as data_dir:  # the engine (torch) loads after the photos are checked: bad ones are refused at once
-        from .train.engine import _dist_info, launch_ddp, train, train_folds
+        from .train.engine import _dist_info, train
+        from .train.launch import launch_ddp, train_folds
 
         if args.gpus > 1:  # every rank reads the settings from one file; the run folder is rank 0's to write
             with tempfile.TemporaryDirectory() as tmp:

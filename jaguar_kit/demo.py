@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import Config, apply_overrides
+from .models.backbones import frozen_source
 
 # The demo's recipe: the real one, sized for two CPU cores and ten minutes.
 DEMO_OVERRIDES = [
@@ -80,7 +81,7 @@ def run_demo(data: str | Path | None = None, out: str | Path = "demo_out", overr
     seconds = {}
     for tta in TTA_CHOICES:  # the first call also prepares the images; the others only embed
         t = time.monotonic()
-        figures[f"frozen/tta-{tta}"] = score([embed(f"frozen:{cfg.model.backbone}", "val", tta)], labels, cfg.retrieval)
+        figures[f"frozen/tta-{tta}"] = score([embed(frozen_source(cfg.model.backbone), "val", tta)], labels, cfg.retrieval)
         seconds[tta] = time.monotonic() - t
     n_train, n_val = len(split_images(cfg, data, "train")[0]), len(split_images(cfg, data, "val")[0])
     timed = TTA_CHOICES[1:]
@@ -191,7 +192,7 @@ def own_photos_step(data: Path, out: Path, cfg: Config, prepared: Path, deadline
     if run.stop_reason.startswith("SIG"):
         raise KeyboardInterrupt
     figures = {}
-    for name, source in (("frozen", f"frozen:{cfg.model.backbone}"), ("finetuned", run.best_checkpoint)):
+    for name, source in (("frozen", frozen_source(cfg.model.backbone)), ("finetuned", run.best_checkpoint)):
         f = catalogue_demo(data, source, out / name, seed=seed, prepared_size=cfg.data.prepared_size,
                            progress=progress, new_individuals=new, coat="on")
         figures[name] = {evidence: {k: round(v, 4) for k, v in by.items() if k in OWN_FIGURES}

@@ -118,7 +118,8 @@ import torch
 from jaguar_kit.config import Config, apply_overrides
 from jaguar_kit.data.competition import find_competition_dir
 from jaguar_kit.kaggle.env import default_prepared_root, working_root
-from jaguar_kit.train.engine import launch_ddp, train
+from jaguar_kit.train.engine import train
+from jaguar_kit.train.launch import launch_ddp
 
 cfg = apply_overrides(Config(), [f"model.backbone={BACKBONE}", f"model.weights={WEIGHTS}", f"data.fold={FOLD}",
                                  f"train.epochs={EPOCHS}", *OVERRIDES])

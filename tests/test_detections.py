@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_cli
 from jaguar_kit.data.images import decode_image
-from jaguar_kit.data.synth import render_image
+from jaguar_kit.data.synth_image import render_image
 from jaguar_kit.photos.catalogue import load_catalogue
 from jaguar_kit.photos.detections import read_detections
 from jaguar_kit.photos.inputs import cut_box

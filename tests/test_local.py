@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from jaguar_kit.data.synth import render_image
+from jaguar_kit.data.synth_image import render_image
 from jaguar_kit.local import LocalSettings, SiftMatcher, compute_local_features, rootsift
 
 SETTINGS = LocalSettings(size=384, max_keypoints=600)

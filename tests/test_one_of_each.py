@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+import subprocess
+import sys
+from typing import Iterator
 
 import numpy as np
 import pytest
 
-from conftest import TINY_OVERRIDES, run_cli
+from conftest import REPO, TINY_OVERRIDES, cli_env, run_cli
 from photo_layouts import gaussian_embeddings
 
 from jaguar_kit.chunks import load_chunk, save_chunk
@@ -48,6 +53,20 @@ def test_frozen_source_is_parsed_in_one_place():
     assert frozen_backbone("runs/a/best.pt") is None
     with pytest.raises(JaguarKitError, match="needs a backbone name"):
         frozen_backbone("frozen:")
+
+
+def test_no_other_module_parses_the_frozen_source_and_the_parser_needs_no_torch():
+    """Every reader asks ``frozen_backbone``: no string test of ``frozen:`` elsewhere; and a catalogue
+    reads which model made it without loading torch (the command line's error paths stay fast)."""
+    files = [*(REPO / "jaguar_kit").rglob("*.py"), *(REPO / "kernels").glob("*.py")]
+    parsing = sorted(str(f.relative_to(REPO)) for f in files
+                     if re.search(r"""["']frozen:["'{]|startswith\(["']frozen""", f.read_text()))
+    assert parsing == ["jaguar_kit/models/backbones.py"]
+    code = ("import sys\nimport jaguar_kit.models, jaguar_kit.models.backbones, jaguar_kit.photos.catalogue\n"
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules\n"
+            "assert jaguar_kit.models.build_model.__module__ == 'jaguar_kit.models.heads'\n")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_checkpoint_refuses_an_input_size_it_was_not_trained_at(tmp_path):
@@ -130,3 +149,85 @@ def test_the_open_set_call_and_the_photo_embeddings_have_their_own_names():
 def test_a_worker_that_dies_stops_the_pool_in_one_line():
     with pytest.raises(JaguarKitError, match="a worker process died"):
         list(run_tasks(os._exit, [3, 4, 5], workers=2))
+
+
+def _import_graph(deferred: bool) -> dict[str, set[str]]:
+    """jaguar_kit's modules -> the jaguar_kit modules they import, read from the source (ast).
+
+    Top-level imports only (what runs at import; ``if TYPE_CHECKING`` blocks excluded), or with
+    ``deferred`` also those inside functions. Importing ``a.b.c`` runs ``a.b``'s ``__init__``
+    too, so a module's package ancestors count as imported (except its own).
+    """
+    modules = {}
+    for path in (REPO / "jaguar_kit").rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not deferred:
+                continue
+            yield node
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from statements([n for n in getattr(node, field, []) if isinstance(n, ast.AST)])
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in statements(ast.parse(path.read_text()).body):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") \
+                    if node.level else node.module
+                found.update([base, *(f"{base}.{a.name}" for a in node.names)])
+        targets = {t for t in found if t in modules}
+        for t in list(targets):
+            parts = t.split(".")
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        graph[name] = {t for t in targets if t in modules and not (name == t or name.startswith(t + "."))}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module, each as one circle through it."""
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups = []
+
+    def visit(v: str) -> None:
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while group[-1:] != [v]:
+                group.append(stack.pop())
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return groups
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["top-level imports", "with imports inside functions"])
+def test_no_import_circles(deferred):
+    graph = _import_graph(deferred)
+    assert {"jaguar_kit.train.engine", "jaguar_kit.photos.catalogue"} <= set(graph)
+    assert "jaguar_kit.train.checkpoint" in graph["jaguar_kit.train.engine"]  # the graph sees relative imports
+    assert _circles(graph) == []
+
+
+def test_a_circle_is_found():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -16,10 +16,11 @@ import torch
 from conftest import TINY_OVERRIDES, checkpoint_weights, cli_command, cli_env, run_cli, train_cli
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
-from jaguar_kit.train import engine
+from jaguar_kit.train import engine, memory
 from jaguar_kit.train.checkpoint import load_checkpoint, non_finite_tensors
 from jaguar_kit.train.engine import train
 from jaguar_kit.train.memory import fit_batch, probe_step
+from jaguar_kit.train.state import TrainModule
 
 
 def _one_line_error(proc, *needles):
@@ -261,7 +262,7 @@ def test_probe_step_leaves_weights_buffers_optimiser_and_rng_untouched(tiny_conf
 
     model = build_model(tiny_config.model)
     criterion = ReIDCriterion(tiny_config.loss, tiny_config.model.embedding_dim, 5)
-    module = engine.TrainModule(model, criterion).train()
+    module = TrainModule(model, criterion).train()
     optimizer = build_optimizer(model, criterion, tiny_config.train)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     rng = torch.get_rng_state()
@@ -278,8 +279,8 @@ def test_the_engine_applies_and_keeps_the_memory_plan(competition, tiny_config, 
             raise torch.OutOfMemoryError("CUDA out of memory")
         return 1 << 30
 
-    monkeypatch.setattr(engine, "_memory_probe_wanted", lambda info: True)
-    monkeypatch.setattr(engine, "probe_step", fake_probe)
+    monkeypatch.setattr(memory, "_memory_probe_wanted", lambda info: True)
+    monkeypatch.setattr(memory, "probe_step", fake_probe)
     cfg = copy.deepcopy(tiny_config)
     cfg.train.time_budget_h = 1e-9  # one step, then a clean stop
     cfg.train.checkpoint_every = 1
@@ -291,7 +292,7 @@ def test_the_engine_applies_and_keeps_the_memory_plan(competition, tiny_config, 
     assert saved["memory_plan"] == {"model.grad_checkpointing": True, "train.p": 2}
     assert '"p": 2' in (out / "config.json").read_text()
     # the next session asks for the same P=3; the stored plan applies, no refusal, no new probe
-    monkeypatch.setattr(engine, "probe_step", lambda *a: pytest.fail("probed again on resume"))
+    monkeypatch.setattr(memory, "probe_step", lambda *a: pytest.fail("probed again on resume"))
     cfg.train.time_budget_h = 11.5
     result = train(cfg, competition, out, progress=False, resume_roots=[])
     assert result.status == "finished"

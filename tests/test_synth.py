@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from jaguar_kit.data.synth import _SHIFT_U, _X0, _Y0, generate_competition, identity_names, render_coat, render_image
+from jaguar_kit.data.synth import generate_competition, identity_names
+from jaguar_kit.data.synth_coats import _X0, _Y0, render_coat
+from jaguar_kit.data.synth_image import _SHIFT_U, render_image
 from jaguar_kit.errors import JaguarKitError
 
 SMALL = dict(identities=3, images_per_identity=2, test_per_identity=2, size=64, progress=False)

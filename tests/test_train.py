@@ -17,7 +17,9 @@ from conftest import TINY_OVERRIDES, checkpoint_weights, cli_command, cli_env, r
 from jaguar_kit.config import apply_overrides
 from jaguar_kit.errors import JaguarKitError
 from jaguar_kit.train.checkpoint import load_checkpoint
-from jaguar_kit.train.engine import EarlyStopping, train, train_folds
+from jaguar_kit.train.engine import train
+from jaguar_kit.train.launch import train_folds
+from jaguar_kit.train.state import EarlyStopping
 
 
 def _assert_bitwise_equal(a, b):
@@ -188,7 +190,7 @@ def test_training_and_inference_share_one_split_that_never_splits_an_encounter(c
     the same images, whole encounters only."""
     from jaguar_kit.pipeline import split_images
     from jaguar_kit.data.encounters import train_encounters
-    from jaguar_kit.train.engine import _fold_data, training_table
+    from jaguar_kit.train.runs import _fold_data, training_table
 
     data = tmp_path / "data"
     shutil.copytree(competition, data)
@@ -240,7 +242,7 @@ def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_backbone_beyond_the_n
         state["history"] = history
         torch.save(state, tmp_path / "best.pt")
         assert model_source(tmp_path / "best.pt") == expected
-    from jaguar_kit.train.engine import TrainResult
+    from jaguar_kit.train.state import TrainResult
 
     summary = TrainResult(tmp_path, "finished", 3, lucky[1]["val_map"], lucky, lucky[0]["val_map"], "", 3).summary()
     assert "does not beat the frozen backbone beyond the noise" in summary and "embed with frozen:BACKBONE" in summary

@@ -286,7 +286,7 @@ def test_efficientnet_lite0_auto_loads_every_backbone_tensor() -> None:
 
 
 def test_order_mapping_refuses_mismatched_layouts() -> None:
-    from jaguar_kit.models.weights import map_state_dict_by_order
+    from jaguar_kit.models.state_dicts import map_state_dict_by_order
 
     a = {"x.weight": torch.zeros(2, 3), "x.bias": torch.zeros(2)}
     with pytest.raises(JaguarKitError, match="does not correspond"):

@@ -2,42 +2,41 @@
 
 ``env`` and ``metadata`` use the standard library only (a kernel imports them right after
 installing the wheel); ``push`` needs jupytext and the kaggle CLI, so it is not imported here.
+The names below load their module on first use (as ``jaguar_kit`` and ``jaguar_kit.models``
+do): importing ``kaggle.env`` (which ``files`` does for its advice) then never imports
+``metadata``, which writes through ``files``, so the two never import each other.
 """
 
-from .env import (
-    default_cache_dir,
-    default_prepared_root,
-    find_files,
-    find_folders,
-    input_roots,
-    internet_on,
-    is_kaggle,
-    walk_inputs,
-    working_root,
-)
-from .metadata import (
-    check_dataset_metadata,
-    check_kernel_metadata,
-    dataset_metadata,
-    kernel_metadata,
-    validate_dataset_metadata,
-    validate_kernel_metadata,
-)
+from importlib import import_module
 
-__all__ = [
-    "is_kaggle",
-    "input_roots",
-    "working_root",
-    "default_cache_dir",
-    "default_prepared_root",
-    "internet_on",
-    "walk_inputs",
-    "find_folders",
-    "find_files",
-    "kernel_metadata",
-    "dataset_metadata",
-    "validate_kernel_metadata",
-    "validate_dataset_metadata",
-    "check_kernel_metadata",
-    "check_dataset_metadata",
-]
+_HOME = {  # public name -> the module that defines it
+    "is_kaggle": "env",
+    "input_roots": "env",
+    "working_root": "env",
+    "default_cache_dir": "env",
+    "default_prepared_root": "env",
+    "internet_on": "env",
+    "walk_inputs": "env",
+    "find_folders": "env",
+    "find_files": "env",
+    "kernel_metadata": "metadata",
+    "dataset_metadata": "metadata",
+    "validate_kernel_metadata": "metadata",
+    "validate_dataset_metadata": "metadata",
+    "check_kernel_metadata": "metadata",
+    "check_dataset_metadata": "metadata",
+}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOME))

@@ -172,7 +172,7 @@ def render_metadata(meta: dict[str, Any]) -> str:
 
 def write_repo_metadata(repo_root: str | Path) -> list[Path]:
     """(Re)write the repository's metadata files from :func:`repo_metadata`."""
-    from ..files import atomic_write_text
+    from ..files import atomic_write_text  # files needs numpy: this module stays standard-library only
 
     written = []
     for rel, meta in repo_metadata().items():

@@ -35,7 +35,8 @@ from torch import nn
 from ..config import ModelConfig, Pooling, check_choice
 from ..errors import JaguarKitError
 from .backbones import BackboneSpec, get_backbone_spec, with_img_size
-from .weights import LoadReport, create_backbone, load_backbone_weights
+from .state_dicts import LoadReport, load_backbone_weights
+from .weights import create_backbone
 
 logger = logging.getLogger("jaguar_kit")
 

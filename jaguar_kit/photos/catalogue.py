@@ -23,6 +23,7 @@ import pandas as pd
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_path, atomic_write_text, file_sha256, load_npz
 from ..local import ImageFeatures
+from ..models.backbones import frozen_backbone
 from ..version import __version__
 from .calibration import (
     DEFAULT_TARGET_FMR,
@@ -384,7 +385,7 @@ def model_record(model: Model) -> dict:
     """What a catalogue records of its model: the source (a checkpoint as an absolute path, with
     the file's SHA-256, so it is found again when moved) and the fingerprint."""
     record = {"source": model.source, **model.fingerprint}
-    if not model.source.startswith("frozen:"):
+    if frozen_backbone(model.source) is None:
         path = Path(model.source).resolve()
         record.update(source=str(path), file_sha256=file_sha256(path))
     return record
@@ -399,7 +400,7 @@ def find_model_file(cat: Catalogue) -> str:
     when loaded).
     """
     source = str(cat.model.get("source", ""))
-    if source.startswith("frozen:"):
+    if frozen_backbone(source) is not None:
         return source
     recorded = Path(source)
     want = cat.model.get("file_sha256")

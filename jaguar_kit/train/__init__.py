@@ -1,1 +1,1 @@
-"""Training: the engine, checkpoints, early stopping, cross-validation and DDP launch."""
+"""Training: the engine, its state, run folders and resume, checkpoints, the memory plan, folds and DDP launch."""

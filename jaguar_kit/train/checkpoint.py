@@ -28,7 +28,7 @@ import torch
 from ..version import __version__
 from ..config import Config, config_from_dict
 from ..errors import JaguarKitError
-from ..files import RunLock, atomic_path, fault_point  # noqa: F401 - RunLock: re-exported, train.engine imports it here
+from ..files import atomic_path, fault_point
 from ..kaggle.env import find_files
 from ..metrics import paired_difference
 from ..models.backbones import frozen_source

@@ -13,12 +13,16 @@ from __future__ import annotations
 import gc
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ..config import Config
+from ..device import DeviceInfo
 from ..errors import JaguarKitError
+from .state import TrainModule
 
 
 @dataclass
@@ -155,3 +159,51 @@ def probe_step(module: nn.Module, optimizer: torch.optim.Optimizer, n_classes: i
             for name, b in module.named_buffers():
                 b.copy_(buffers[name])
         restore_rng(rng)
+
+
+def _memory_probe_wanted(info: DeviceInfo) -> bool:
+    """Only a GPU's memory is tight enough to probe (the tests switch it on to inject an OOM on CPU)."""
+    return info.device.type == "cuda"
+
+
+def plan_memory(cfg: Config, module: TrainModule, optimizer: torch.optim.Optimizer, n_classes: int,
+                info: DeviceInfo, world: int, announce: bool) -> dict[str, Any]:
+    """On CUDA, the probe step: checkpoint as few blocks as fit, then a lower P, until a step fits.
+
+    Returns the changes as ``{"model.checkpoint_blocks": 14, "train.p": 6}`` (kept in the
+    checkpoint, so a resume applies the same plan); on CPU nothing changes.
+    """
+    if not _memory_probe_wanted(info):
+        return {}
+    tc, model = cfg.train, module.model
+    size = tuple(model.data_config["input_size"][-2:])
+    total = len(model.checkpoint_blocks()) or 1  # no blocks found: all or nothing (timm's own)
+
+    def try_step(p: int, blocks: int) -> int | None:
+        model.set_checkpoint_blocks(blocks)
+        return probe_step(module, optimizer, n_classes, p * tc.k, tc.k, size, info.device, info.amp_dtype)
+
+    configured = total if cfg.model.grad_checkpointing else min(cfg.model.checkpoint_blocks, total)
+    plan: MemoryPlan = fit_batch(try_step, tc.p, tc.k, total, configured)
+    if world > 1:  # every rank trains with the most careful plan any rank needed
+        agreed = torch.tensor([plan.p, -plan.blocks], device=info.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        plan.p, plan.blocks = int(agreed[0]), int(-agreed[1])
+    model.set_checkpoint_blocks(plan.blocks)
+    if announce:
+        print(f"memory probe: {plan.describe()}")
+    changes: dict[str, Any] = {}
+    if plan.blocks != configured:
+        if plan.grad_checkpointing:
+            changes["model.grad_checkpointing"] = True
+        else:
+            changes["model.checkpoint_blocks"] = plan.blocks
+    if plan.p != tc.p:
+        changes["train.p"] = plan.p
+    return changes
+
+
+def apply_plan(cfg: Config, changes: dict[str, Any]) -> None:
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        setattr(getattr(cfg, section), key, value)
