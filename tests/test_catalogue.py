@@ -57,6 +57,21 @@ def test_hold_out_scores_match_a_brute_force_reference():
         assert h.new_top[i] == pytest.approx(others[best], abs=1e-6) and uniques[h.new_arg[i]] == best
 
 
+def test_a_known_photo_is_never_scored_against_its_own_encounter():
+    """A burst is one sighting: the calibration's known cases pair a photo only with other
+    encounters of its individual (with no other encounter it is no known case at all)."""
+    x, y = gaussian_embeddings(n_ids=5, per=6, seed=4)
+    enc = [f"{label}-{i % 3}" if i % 2 else "" for i, label in enumerate(y)]  # some photos without an encounter
+    codes, uniques = pd.factorize(pd.Series(y))
+    h = hold_out_scores(x, codes, len(uniques), enc)
+    for i in range(len(y)):
+        own = [x[i] @ x[j] for j in range(len(y))
+               if j != i and y[j] == y[i] and not (enc[i] and enc[j] == enc[i])]
+        assert h.own[i] == pytest.approx(max(own) if own else -np.inf, abs=1e-6)
+    # other individuals' photos are all still there for the "new" case
+    assert np.allclose(h.new_top, hold_out_scores(x, codes, len(uniques)).new_top)
+
+
 def test_realised_false_merge_rate_on_held_out_identities_meets_the_target():
     """The point of the calibration: on individuals it never saw, the share of photos wrongly
     attached to a known individual lands at the target (averaged over splits)."""

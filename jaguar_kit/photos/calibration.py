@@ -137,9 +137,17 @@ class HoldOut:
     new_arg: np.ndarray  # (N,) which individual that best score belongs to
 
 
-def hold_out_scores(embeddings: np.ndarray, codes: np.ndarray, n_ids: int) -> HoldOut:
+def hold_out_scores(embeddings: np.ndarray, codes: np.ndarray, n_ids: int,
+                    encounters: Sequence[str] | None = None) -> HoldOut:
+    """Leave-out scores; a photo is never scored against itself, nor against another photo of its
+    own encounter (``encounters``, "" unknown): a burst shows the same scene, not a second
+    sighting, and would make known photos look easier than a new sighting of that animal is."""
     sim = embeddings @ embeddings.T
     np.fill_diagonal(sim, -np.inf)
+    if encounters is not None:
+        enc = np.asarray(["" if e is None else str(e) for e in encounters], dtype=object)
+        same = (enc[:, None] == enc[None, :]) & (enc[:, None] != "") & (codes[:, None] == codes[None, :])
+        sim[same] = -np.inf
     scores, _ = individual_scores(sim, codes, n_ids)
     rows = np.arange(len(codes))
     own = scores[rows, codes].copy()
@@ -150,14 +158,15 @@ def hold_out_scores(embeddings: np.ndarray, codes: np.ndarray, n_ids: int) -> Ho
 
 
 def calibrate(embeddings: np.ndarray, identities: Sequence[str], target_false_merge: float = DEFAULT_TARGET_FMR,
-              hold: HoldOut | None = None, coat: CoatHoldOut | None = None) -> Calibration:
+              hold: HoldOut | None = None, coat: CoatHoldOut | None = None,
+              encounters: Sequence[str] | None = None) -> Calibration:
     """Fit the threshold and the probabilities on a catalogue (see the module docstring); with
     ``coat`` (its leave-out coat-pattern inliers) over the global score and the inliers together."""
     if not 0 < target_false_merge < 1:
         raise JaguarKitError(f"target false-merge rate must be between 0 and 1, got {target_false_merge}")
     codes, uniques = pd.factorize(pd.Series(list(identities), dtype=object))
     n_ids = len(uniques)
-    h = hold or hold_out_scores(embeddings, codes, n_ids)
+    h = hold or hold_out_scores(embeddings, codes, n_ids, encounters)
     known = np.isfinite(h.own)
     if n_ids < MIN_IDENTITIES or known.sum() < 2:
         raise JaguarKitError(

@@ -317,20 +317,20 @@ def calibrate_catalogue(cat: Catalogue, target_false_merge: float, features: lis
     it decides more of the held-out known photos correctly (both shares are recorded).
     """
     codes, uniques = cat.codes()
-    hold = hold_out_scores(cat.embeddings, codes, len(uniques))
+    encounters = cat.encounters or [""] * len(cat)
+    hold = hold_out_scores(cat.embeddings, codes, len(uniques), encounters)
     dups = suspected_duplicates(cat.identities, hold)
     warnings = [d.message() for d in dups]
     excluded = sorted({d.excluded for d in dups})
     keep = np.flatnonzero(~np.isin(np.array(cat.identities, dtype=object), excluded))
-    ids = [cat.identities[i] for i in keep]
-    emb = cat.embeddings[keep]
+    ids, emb, enc = [cat.identities[i] for i in keep], cat.embeddings[keep], [encounters[i] for i in keep]
     try:
-        cal = calibrate(emb, ids, target_false_merge, None if excluded else hold)
+        cal = calibrate(emb, ids, target_false_merge, None if excluded else hold, encounters=enc)
         if features is not None:
             kept_codes, kept_ids = pd.factorize(pd.Series(ids, dtype=object))
-            evidence = coat_hold_out([features[i] for i in keep], kept_codes, len(kept_ids),
-                                     [(cat.encounters or [""] * len(cat))[i] for i in keep], [cat.keys[i] for i in keep])
-            fused = calibrate(emb, ids, target_false_merge, None if excluded else hold, evidence)
+            evidence = coat_hold_out([features[i] for i in keep], kept_codes, len(kept_ids), enc,
+                                     [cat.keys[i] for i in keep])
+            fused = calibrate(emb, ids, target_false_merge, None if excluded else hold, evidence, enc)
             compared = {"global score": cal.estimated["decided_correctly"],
                         "global score + coat pattern": fused.estimated["decided_correctly"]}
             if fused.uses_coat and (coat == "on" or compared["global score + coat pattern"] > compared["global score"]):
