@@ -34,8 +34,6 @@ from other encounters than the training photos, as on a real test set.
 from __future__ import annotations
 
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -43,6 +41,7 @@ import numpy as np
 
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text
+from ..processes import run_tasks
 from .synth_coats import _KEY_ENCOUNTER, _KEY_FLANKS, _KEY_NAMES, _KEY_SHUFFLE
 from .synth_image import render_image
 
@@ -114,10 +113,6 @@ def _make_one(task: tuple[str, int, int, int, int, int, int | None]) -> str:
         raise JaguarKitError(f"{path}: cv2 could not encode the PNG")
     atomic_write_bytes(path, buf.tobytes())
     return path
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
 
 
 def generate_competition(
@@ -208,16 +203,8 @@ def generate_competition(
     from tqdm.auto import tqdm
 
     with tqdm(total=len(jobs), desc="synthetic jaguars", unit="img", disable=not progress) as bar:
-        if workers == 1:
-            for job in jobs:
-                _make_one(job)
-                bar.update()
-        else:
-            # spawn, not fork: a fork after cv2 has started its thread pool can deadlock
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-                for _ in pool.map(_make_one, jobs, chunksize=n_all):
-                    bar.update()
+        for _ in run_tasks(_make_one, jobs, workers, chunksize=n_all):
+            bar.update()
 
     test_names = [f for f, _, _ in test_rows]
     if m == 1:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_lon
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, file_digest
 from ..kaggle.env import walk_inputs
+from ..processes import run_tasks
 from .names import few, normalise_name
 
 log = logging.getLogger(__name__)
@@ -351,10 +351,6 @@ def _work(task) -> str | None:
         return f"{where}: {src}: {type(e).__name__}: {e}"
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 def prepare_photos(
     photos: Sequence[Photo],
     cache_root: str | Path,
@@ -384,18 +380,10 @@ def prepare_photos(
         seen.add(key)
     problems: list[str] = []
     bar = tqdm(total=len(todo), desc="prepare photos", unit="photo", disable=not progress or not todo)
-    if workers <= 1 or len(todo) <= 4:
-        results = map(_work, todo)
-        for err in results:
-            if err:
-                problems.append(err)
-            bar.update()
-    else:  # spawn, not fork: torch threads in the parent can deadlock a forked child
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-            for err in pool.imap(_work, todo, chunksize=4):
-                if err:
-                    problems.append(err)
-                bar.update()
+    for err in run_tasks(_work, todo, workers, chunksize=4, min_tasks=5):
+        if err:
+            problems.append(err)
+        bar.update()
     bar.close()
     _raise_problems(problems)
     return keys, files
