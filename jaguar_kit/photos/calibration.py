@@ -250,8 +250,8 @@ def decision_words(decision: str, best: str, probability: float, cal: Calibratio
 # Separability: when the catalogue's own leave-one-identity-out calibration shows that the model
 # does not tell these individuals apart, every decision is close to a guess. The rule (any one):
 # flat probabilities (the fit found no signal: a <= 0, and no weight on the coat pattern); half or
-# more of the known photos called new at the threshold; known-vs-new AUROC below 0.7 (a known photo's score against its own
-# individual beats a new one's best score in fewer than 7 of 10 pairs).
+# more of the known photos called new at the threshold; known-vs-new AUROC below 0.7 (a known
+# photo's score against its own individual beats a new one's best score in fewer than 7 of 10 pairs).
 MAX_FALSE_SPLIT = 0.5
 
 
