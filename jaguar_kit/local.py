@@ -317,6 +317,10 @@ def compute_local_features(
                     got.append(f)
                     bar.update()
                 _save_chunk(path, got, chunk_names, fp)
+                # the features as the chunk keeps them (float16 descriptors): a later run that reads
+                # the chunk back then matches, and decides, exactly as this one
+                got = [ImageFeatures(f.points, f.descriptors.astype(np.float16).astype(np.float32), f.shape)
+                       for f in got]
                 computed += 1
             else:
                 reused += 1

@@ -258,9 +258,9 @@ def decision_words(decision: str, best: str, probability: float, cal: Calibratio
 
 # Separability: when the catalogue's own leave-one-identity-out calibration shows that the model
 # does not tell these individuals apart, every decision is close to a guess. The rule (any one):
-# flat probabilities (the fit found no signal, a <= 0); half or more of the known photos called
-# new at the threshold; known-vs-new AUROC below 0.7 (a known photo's score against its own
-# individual beats a new one's best score in fewer than 7 of 10 pairs).
+# flat probabilities (the fit found no signal: a <= 0, and no weight on the coat pattern); half or
+# more of the known photos called new at the threshold; known-vs-new AUROC below 0.7 (a known
+# photo's score against its own individual beats a new one's best score in fewer than 7 of 10 pairs).
 MAX_FALSE_SPLIT = 0.5
 
 
@@ -270,7 +270,7 @@ def calibration_banner(cal: Calibration | None) -> str | None:
         return None
     e = cal.estimated
     why = []
-    if cal.a <= 0:
+    if cal.a <= 0 and not cal.uses_coat:  # with coat-pattern evidence the inliers may carry all of it
         why.append("flat probabilities: its scores carry no signal about the individual")
     if e.get("false_split", 0) >= MAX_FALSE_SPLIT:
         why.append(f"{e['false_split']:.0%} of its own known photos are called new")
