@@ -223,7 +223,7 @@ def crop_for_features(path: str | Path, box, settings: LocalSettings, where: str
 def _extract_file(task: tuple[str, tuple | None, LocalSettings, str]) -> ImageFeatures:
     path, box, settings, digest = task
     if file_digest(path, len(digest), "image") != digest:  # cached under this content: never other pixels
-        raise JaguarKitError(f"{path}: changed since it was listed (other content); list it again")
+        raise JaguarKitError(f"{path}: changed since it was read (other content); restore it, or index the photos again")
     rgb, mask = cut_box(*decode_image(path), box, path)
     return SiftMatcher(settings).extract(rgb, mask if settings.use_mask else None)
 

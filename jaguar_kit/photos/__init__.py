@@ -6,7 +6,8 @@ The modules follow the photos' path (each imports only those before it)::
     inputs       read folders / CSVs of photos, prepare them once, keyed by content
     detections   whole camera-trap frames: one photo per animal box of MegaDetector's output
     model        the embedding model and the embeddings of photos
-    calibration  scores per individual and the calibrated `new` decision
+    coat         coat-pattern evidence: keypoints matched against every catalogue photo at once
+    calibration  scores per individual, with the coat pattern, and the calibrated `new` decision
     catalogue    a folder of known individuals' embeddings and its calibration
     identify     top-k individuals, probabilities and a decision per photo
     cluster      groups of unlabelled photos, attached to known individuals
