@@ -17,7 +17,7 @@ from jaguar_kit.data.images import decode_image
 from jaguar_kit.data.synth_image import render_image
 from jaguar_kit.photos.catalogue import load_catalogue
 from jaguar_kit.photos.detections import read_detections
-from jaguar_kit.photos.inputs import cut_box
+from jaguar_kit.data.images import cut_box
 from photo_layouts import MODEL, PREPARED_SIZE
 
 W, H = 320, 240  # frame size

@@ -58,7 +58,7 @@ from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, fault_point, file_digest
 from ..config import AlphaMode, check_choice
 from ..processes import run_tasks
-from .images import apply_alpha_mode, decode_image_bytes, mask_is_empty
+from .images import apply_alpha_mode, cut_box, decode_image_bytes, mask_is_empty
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,18 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def prepared_jpeg(rgb: np.ndarray, mask: np.ndarray | None, alpha_mode: str, margin: float, size: int, where: str,
+                  box=None) -> bytes:
+    """The one preparation of an image, for the competition's images and own photos alike: the box
+    (x, y, w, h) cut out, the mask applied (``alpha_mode``), the longest side shrunk to ``size``, JPEG."""
+    rgb, mask = cut_box(rgb, mask, box, where)
+    out = resize_longest(apply_alpha_mode(np.ascontiguousarray(rgb), mask, alpha_mode, margin), size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise JaguarKitError(f"{where}: OpenCV could not encode the prepared image")
+    return buf.tobytes()
+
+
 def _prepare_record(src: Path, dst: Path, alpha_mode: str, margin: float, size: int) -> dict:
     """Prepare one image into ``dst`` atomically; returns its manifest record (without ``file``)."""
     try:
@@ -196,11 +208,7 @@ def _prepare_record(src: Path, dst: Path, alpha_mode: str, margin: float, size: 
         raise JaguarKitError(f"{src}: cannot read image ({e.strerror or e})") from e
     rgb, mask = decode_image_bytes(data, src)
     empty = mask_is_empty(mask)
-    out = resize_longest(apply_alpha_mode(rgb, mask, alpha_mode, margin), size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise JaguarKitError(f"{src}: OpenCV could not encode the prepared image")
-    jpeg = buf.tobytes()
+    jpeg = prepared_jpeg(rgb, mask, alpha_mode, margin, size, str(src))
     atomic_write_bytes(dst, jpeg)
     return {"sha256": _sha256(jpeg), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
             "src_sha256": _sha256(data), "empty_mask": empty}

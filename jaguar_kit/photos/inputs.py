@@ -50,8 +50,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.competition import ENCOUNTER_COLUMNS, load_competition
-from ..data.images import IMAGE_EXTENSIONS, apply_alpha_mode, cut_box, decode_image
-from ..data.prepare import JPEG_QUALITY, load_prepared, prepared_dir, resize_longest
+from ..data.images import IMAGE_EXTENSIONS, decode_image
+from ..data.prepare import load_prepared, prepared_dir, prepared_jpeg, resize_longest
 from ..errors import JaguarKitError
 from ..files import atomic_write_bytes, atomic_write_text, file_digest
 from ..kaggle.env import walk_inputs
@@ -329,14 +329,8 @@ def photo_key(photo: Photo, digest: str | None = None) -> str:
 
 
 def prepare_one_photo(src: Path, box, dst: Path, alpha_mode: str, margin: float, size: int, where: str) -> None:
-    """Decode, cut the box, use the mask, shrink and store one photo as JPEG (atomically)."""
-    rgb, mask = decode_image(src)
-    rgb, mask = cut_box(rgb, mask, box, where)
-    out = resize_longest(apply_alpha_mode(np.ascontiguousarray(rgb), mask, alpha_mode, margin), size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise JaguarKitError(f"{where}: OpenCV could not encode the prepared image")
-    atomic_write_bytes(dst, buf.tobytes())
+    """Decode one photo and store it prepared (:func:`~jaguar_kit.data.prepare.prepared_jpeg`), atomically."""
+    atomic_write_bytes(dst, prepared_jpeg(*decode_image(src), alpha_mode, margin, size, where, box))
 
 
 def _work(task) -> str | None:
@@ -413,7 +407,6 @@ def duplicate_files(photos: Sequence[Photo], keys: Sequence[str]) -> list[tuple[
 
 __all__ = [
     "Photo",
-    "cut_box",
     "duplicate_files",
     "file_digest",
     "is_kit_folder",

@@ -34,13 +34,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.images import decode_image
+from ..data.images import cut_box, decode_image
 from ..data.prepare import JPEG_QUALITY
 from ..errors import JaguarKitError
 from ..files import RunLock, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from ..processes import run_tasks
 from .catalogue import NPZ, catalogue_photos, load_catalogue
-from .inputs import Photo, cut_box, mark_kit_folder, photo_digest, photo_key, read_photos
+from .inputs import Photo, mark_kit_folder, photo_digest, photo_key, read_photos
 
 if TYPE_CHECKING:
     from ..train.engine import TrainResult
