@@ -126,12 +126,12 @@ def _calibration_rows(cat) -> list[dict]:
     else:
         e = cal.estimated
         if cal.uses_coat:
-            rows.append(_row("Decision rule", f"known individual when its probability ≥ {cal.probability_threshold:.2f}"
+            rows.append(_row("Decision rule", f"known individual when its probability ≥ {cal.probability_threshold:.2g}"
                                               f" (one calibration over the global score and the coat pattern's "
                                               f"matched keypoints), else ", _part("new", badge="new")))
         else:
             rows.append(_row("Decision rule", f"known individual when its probability ≥ "
-                                              f"{cal.probability_threshold:.2f} (score ≥ {cal.threshold:.3f}), else ",
+                                              f"{cal.probability_threshold:.2g} (score ≥ {cal.threshold:.3f}), else ",
                              _part("new", badge="new")))
         rows.append(_row("Calibration", f"target false-merge rate {cal.target_false_merge:.0%} (photos of an unseen "
                                         f"animal attached to a known one); on the catalogue, holding each individual "
