@@ -144,15 +144,30 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from .pipeline import Embeddings, read_labels
-    from .tune import TTA_ORDER, summary, tune, write_outputs
+    from .tune import TTA_ORDER, summary, tune_folds, write_outputs
 
     cfg = _config(args)
-    variants: dict[str, list] = {}
-    for item in args.embeddings:  # [TTA=]PATH; items of one TTA setting are the models of an ensemble
-        tta, sep, path = item.partition("=")
-        if not sep or tta not in TTA_ORDER:
-            tta, path = cfg.embed.tta, item
-        variants.setdefault(tta, []).append(Embeddings.load(path))
+    out = Path(args.out)
+    if args.folds:  # every fold's own validation images and model: the choice rests on every identity
+        from .kaggle.env import default_cache_dir, default_prepared_root, is_kaggle
+        from .pipeline import embed_folds
+
+        if not args.data:
+            raise JaguarKitError("tune --folds needs --data (the competition folder the folds were trained on)")
+        folds = embed_folds(args.folds, args.data, cfg.embed.cache_dir or (default_cache_dir() if is_kaggle() else
+                                                                           out / "cache"),
+                            args.prepared or default_prepared_root(), cfg, args.tta or [cfg.embed.tta],
+                            device=cfg.train.device, progress=not args.quiet)
+    else:
+        if args.tta or args.prepared:
+            raise JaguarKitError("tune: --tta and --prepared go with --folds (with --embeddings, prefix TTA=)")
+        variants: dict[str, list] = {}
+        for item in args.embeddings:  # [TTA=]PATH; items of one TTA setting are the models of an ensemble
+            tta, sep, path = item.partition("=")
+            if not sep or tta not in TTA_ORDER:
+                tta, path = cfg.embed.tta, item
+            variants.setdefault(tta, []).append(Embeddings.load(path))
+        folds = {"validation": variants}
     paths = None
     if args.data:
         from .data.competition import load_competition
@@ -162,10 +177,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     labels = args.labels or (Path(args.data) / "train.csv" if args.data else None)
     if labels is None:
         raise JaguarKitError("tune: give --labels (a filename,ground_truth CSV) or --data")
-    out = Path(args.out)
-    result = tune(variants, read_labels(labels), cfg.retrieval, image_paths=paths,
-                  local_cache=Path(args.local_cache) if args.local_cache else out / "local_cache",
-                  base_tta=cfg.embed.tta, seed=args.seed, workers=cfg.data.workers, progress=not args.quiet)
+    result = tune_folds(folds, read_labels(labels), cfg.retrieval, image_paths=paths,
+                        local_cache=Path(args.local_cache) if args.local_cache else out / "local_cache",
+                        base_tta=cfg.embed.tta, seed=args.seed, workers=cfg.data.workers, progress=not args.quiet)
     files = write_outputs(result, out)
     print(summary(result))
     print(f"wrote {files['config']}, {files['table'].name}, {files['report'].name}\n"
@@ -263,11 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="choose TTA, QE, re-ranking and the local fusion on validation; writes tuned.json")
     _add_common(p, data=False)
-    p.add_argument("--embeddings", nargs="+", required=True, metavar="[TTA=]NPZ",
-                   help="validation embeddings, one per model; prefix none=, hflip= or flip4= to compare TTA settings "
-                        "(unprefixed: embed.tta)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings", nargs="+", metavar="[TTA=]NPZ",
+                        help="validation embeddings, one per model; prefix none=, hflip= or flip4= to compare TTA "
+                             "settings (unprefixed: embed.tta)")
+    source.add_argument("--folds", metavar="RUN",
+                        help="a train --all-folds run: each fold's validation images embedded by its own best.pt "
+                             "(cached in OUT/cache), scored within the fold, per-identity APs pooled over the folds")
+    p.add_argument("--tta", nargs="+", choices=["none", "hflip", "flip4"],
+                   help="--folds: TTA settings to embed and compare (default: embed.tta)")
+    p.add_argument("--prepared", help="--folds: prepared-image cache folder (default: the one train uses)")
     p.add_argument("--labels", help="filename,ground_truth CSV (default: DATA/train.csv)")
-    p.add_argument("--data", help="the competition folder: turns on local-feature verification on its train images")
+    p.add_argument("--data", help="the competition folder: turns on local-feature verification on its train images "
+                                  "(with --folds: the folder the folds were trained on; verification stays off)")
     p.add_argument("--local-cache", help="local-feature cache folder (default: OUT/local_cache)")
     p.add_argument("--seed", type=int, default=0, help="which identities form each half of the held-out check")
     p.set_defaults(func=cmd_tune)

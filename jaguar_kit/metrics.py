@@ -129,7 +129,29 @@ def identity_balanced_map(similarity: np.ndarray, labels: Sequence) -> Retrieval
     )
 
 
-__all__ = ["RetrievalScore", "identity_balanced_map", "ranked_others"]
+def pooled_score(scores: Sequence[RetrievalScore]) -> RetrievalScore:
+    """The identity-balanced score of the queries of several sets, each scored within itself.
+
+    For cross-validation folds: each fold's images are ranked among themselves (in its own
+    model's embeddings), then every identity's AP (and rank-1) is the mean over all its queries
+    in every fold, and the score is the mean over identities, as if the queries were one set.
+    One set: its own score, unchanged.
+    """
+    if len(scores) == 1:
+        return scores[0]
+    t = pd.concat([s.per_identity for s in scores], ignore_index=True)
+    t["map"], t["rank1"] = t["map"].fillna(0) * t["n_queries"], t["rank1"].fillna(0) * t["n_queries"]
+    t = t.groupby("identity", sort=True, as_index=False)[["n_images", "n_queries", "map", "rank1"]].sum()
+    has = t["n_queries"] > 0
+    for c in ("map", "rank1"):
+        t[c] = (t[c] / t["n_queries"]).where(has)
+    if not has.any():
+        raise JaguarKitError("metric: no query has a true match in any set")
+    return RetrievalScore(float(t.loc[has, "map"].mean()), float(t.loc[has, "rank1"].mean()), t,
+                          int(t["n_queries"].sum()))
+
+
+__all__ = ["RetrievalScore", "identity_balanced_map", "pooled_score", "ranked_others"]
 
 
 # --- Estimates with their noise --------------------------------------------------------------

@@ -140,6 +140,40 @@ def embed_split(
     return Embeddings(result.names, result.embeddings, source)
 
 
+def embed_folds(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    prepared_root: str | Path,
+    cfg: Config,
+    ttas: Sequence[str],
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, list[Embeddings]]]:
+    """Out-of-fold embeddings of a ``train --all-folds`` run: fold name -> TTA -> [Embeddings].
+
+    Each fold's validation images are embedded by that fold's own ``RUN/fold{k}/best.pt``, once
+    per TTA setting, through the chunk cache (a rerun reuses them). Different folds' models
+    embed into different spaces: compare a fold's embeddings only among themselves.
+    """
+    run = Path(run_dir)
+    folds = sorted((d for d in run.glob("fold*") if d.is_dir() and d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    if not folds:
+        raise JaguarKitError(f"{run}: no fold{{k}} folders; make them with jaguar-kit train --all-folds --out {run}")
+    unfinished = [d for d in folds if not (d / "best.pt").is_file()]
+    if unfinished:
+        raise JaguarKitError(f"{unfinished[0] / 'best.pt'}: not found; finish that fold first (the same "
+                             "train --all-folds command resumes it)")
+    out: dict[str, dict[str, list[Embeddings]]] = {}
+    for d in folds:
+        for tta in ttas:
+            c = copy.deepcopy(cfg)
+            c.embed.tta = tta
+            out.setdefault(d.name, {})[tta] = [embed_split(d / "best.pt", data_dir, "val", cache_dir, prepared_root, c,
+                                                           device=device, progress=progress)]
+    return out
+
+
 def _seed_cache(cache_dir: Path, key: str, roots: Sequence[Path]) -> None:
     """Copy finished chunks of this model (its :func:`~jaguar_kit.embed.cache_key`) from attached outputs
     into the working cache."""

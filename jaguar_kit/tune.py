@@ -49,9 +49,9 @@ import pandas as pd
 from .config import RetrievalConfig
 from .errors import JaguarKitError
 from .files import atomic_write_text
-from .metrics import Difference, RetrievalScore, identity_balanced_map, paired_difference
+from .metrics import Difference, RetrievalScore, identity_balanced_map, paired_difference, pooled_score
 from .retrieval.pipeline import Pipeline
-from .retrieval.search import Scored, search
+from .retrieval.search import Part, Scored, search_parts
 from .retrieval.step import Context, Step, start
 from .retrieval.verify import LocalVerification
 
@@ -98,6 +98,7 @@ class TuneResult:
     reports: dict = field(default_factory=dict)  # step name -> what its fit reports (in-sample)
     decisions: dict = field(default_factory=dict)  # option -> its held-out evidence and whether it is used
     in_sample_best: Scored | None = None  # the best of every setting on all images, options unchecked
+    evidence: dict = field(default_factory=dict)  # what the choice rests on: folds, identities, images
 
     def config_dict(self) -> dict:
         """The partial config ``jaguar-kit submit --config`` reads."""
@@ -115,14 +116,15 @@ def split_identities(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return a, ~a
 
 
-def _score(variants, tta: str, steps: Sequence[Step], y: np.ndarray, ctx: Context) -> RetrievalScore:
-    """The score (per identity too) of a finished choice on a set of images."""
-    return identity_balanced_map(Pipeline(tuple(steps)).run(variants[tta], ctx), y)
+def _score(parts: Sequence[Part], tta: str, steps: Sequence[Step]) -> RetrievalScore:
+    """The score (per identity too) of a finished choice, each part scored within itself, pooled."""
+    return pooled_score([identity_balanced_map(Pipeline(tuple(steps)).run(p.variants[tta], p.ctx), p.labels)
+                         for p in parts])
 
 
-def _evaluate(variants, tta: str, steps: Sequence[Step], y: np.ndarray, ctx: Context) -> tuple[float, float]:
-    """mAP and rank-1 of a finished choice on a set of images."""
-    r = _score(variants, tta, steps, y, ctx)
+def _evaluate(parts: Sequence[Part], tta: str, steps: Sequence[Step]) -> tuple[float, float]:
+    """mAP and rank-1 of a finished choice."""
+    r = _score(parts, tta, steps)
     return r.map, r.rank1
 
 
@@ -197,67 +199,125 @@ def tune(
     supplies every setting not searched; ``base_tta`` names the TTA the caller would use
     untuned (the "given" baseline). ``steps``: the pipeline to tune (default: ``base``'s).
     """
-    base = copy.deepcopy(base or RetrievalConfig())
-    if not variants:
+    return tune_folds({"validation": variants}, labels, base, image_paths, local_cache, grid, base_tta, seed, workers,
+                      progress, steps)
+
+
+def _parts(folds: Mapping[str, Mapping[str, Sequence]], labels: Mapping[str, str]) -> list[Part]:
+    """Each fold's labelled images and their embeddings by TTA (cheapest first), checked."""
+    if not folds or not all(folds.values()):
         raise JaguarKitError("tune: no validation embeddings given")
-    unknown = [t for t in variants if t not in TTA_ORDER]
-    if unknown:
-        raise JaguarKitError(f"tune: unknown TTA setting {unknown[0]!r} (expected one of {', '.join(TTA_ORDER)})")
-    first = next(iter(variants.values()))[0]
-    names = [n for n in first.names if n in labels]
-    if len(names) < 4:
-        raise JaguarKitError(f"tune: only {len(names)} of the {len(first.names)} embedded images have labels")
-    n_models = len(next(iter(variants.values())))
-    arrays = {}
-    for tta in sorted(variants, key=TTA_ORDER.index):  # cheapest first: ties go to the cheaper TTA
-        if len(variants[tta]) != n_models:
-            raise JaguarKitError(f"tune: TTA {tta!r} has {len(variants[tta])} models, others have {n_models}")
-        arrays[tta] = [s.subset(names).vectors for s in variants[tta]]
-    y = np.asarray([str(labels[n]) for n in names], dtype=object)
-    if (pd.Series(y).value_counts() > 1).sum() < 4:
+    ttas = list(next(iter(folds.values())))
+    parts = []
+    for fold, variants in folds.items():
+        where = f"tune: {fold}: " if len(folds) > 1 else "tune: "
+        unknown = [t for t in variants if t not in TTA_ORDER]
+        if unknown:
+            raise JaguarKitError(f"{where}unknown TTA setting {unknown[0]!r} (expected one of {', '.join(TTA_ORDER)})")
+        if set(variants) != set(ttas):
+            raise JaguarKitError(f"{where}TTA settings {sorted(variants)}, the first fold has {sorted(ttas)}")
+        first = next(iter(variants.values()))[0]
+        names = [n for n in first.names if n in labels]
+        if len(names) < 4:
+            raise JaguarKitError(f"{where}only {len(names)} of the {len(first.names)} embedded images have labels")
+        n_models = len(next(iter(variants.values())))
+        arrays = {}
+        for tta in sorted(variants, key=TTA_ORDER.index):  # cheapest first: ties go to the cheaper TTA
+            if len(variants[tta]) != n_models:
+                raise JaguarKitError(f"{where}TTA {tta!r} has {len(variants[tta])} models, others have {n_models}")
+            arrays[tta] = [s.subset(names).vectors for s in variants[tta]]
+        y = np.asarray([str(labels[n]) for n in names], dtype=object)
+        if len(folds) > 1 and not (pd.Series(y).value_counts() > 1).any():
+            raise JaguarKitError(f"{where}no identity has two or more validation images")
+        parts.append(Part(arrays, y, Context(names)))
+    repeated = {i for p in parts for i, c in pd.Series(p.labels).value_counts().items() if c > 1}
+    if len(repeated) < 4:
         raise JaguarKitError("tune: needs at least 4 identities with two or more validation images")
+    return parts
+
+
+def tune_folds(
+    folds: Mapping[str, Mapping[str, Sequence["object"]]],
+    labels: Mapping[str, str],
+    base: RetrievalConfig | None = None,
+    image_paths: Mapping[str, str | Path] | None = None,
+    local_cache: str | Path | None = None,
+    grid: TuneGrid | None = None,
+    base_tta: str | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+    steps: Sequence[Step] | None = None,
+) -> TuneResult:
+    """:func:`tune` on several validation sets at once: ``folds`` maps a fold's name to its ``variants``.
+
+    Cross-validation folds each validate on their own images with their own model, so a fold's
+    embeddings are compared only among themselves: every setting is scored within each fold and
+    the per-identity APs are pooled over the folds (:func:`~jaguar_kit.metrics.pooled_score`) before
+    the held-out halves, the noise rule and the choice, which then rest on every fold's identities.
+    Steps fitted on labels (local verification's calibration) would be fitted per fold, with no one
+    fit to write: with several folds they stay off.
+    """
+    base = copy.deepcopy(base or RetrievalConfig())
+    parts = _parts(folds, labels)
+    notes = []
+    if image_paths is not None and len(parts) > 1:
+        notes.append("local verification: not tuned across folds (its calibration is fitted within one fold); "
+                     "tune it on one fold's embeddings with --embeddings and --data")
+        image_paths = None
+    parts = [dataclasses.replace(p, ctx=Context(p.ctx.names, image_paths, local_cache, workers, progress))
+             for p in parts]
+    y = np.concatenate([p.labels for p in parts])
 
     given_steps = Pipeline.from_config(base).steps if steps is None else tuple(steps)
     tuned, space = (grid or TuneGrid()).apply(given_steps)
     if image_paths is None:  # nothing to look at: steps that need images stay off
         tuned = tuple(s.off() if s.needs_images else s for s in tuned)
     searched = [image_paths is not None or not s.needs_images for s in tuned]
-    ctx = Context(names, image_paths, local_cache, workers, progress)
-    for s, on in zip(tuned, searched):
-        if on:
-            s.prepare(ctx)  # e.g. local features of every image, once (the halves reuse them)
+    for p in parts:
+        for s, on in zip(tuned, searched):
+            if on:
+                s.prepare(p.ctx)  # e.g. local features of every image, once (the halves reuse them)
+    ends = np.cumsum([len(p.labels) for p in parts])[:-1]
 
-    def subset(mask):
-        part = [n for n, m in zip(names, mask) if m]
-        return ({t: [a[mask] for a in models] for t, models in arrays.items()}, y[mask],
-                dataclasses.replace(ctx, names=part))  # the same memo: matches are made once
+    def subset(mask) -> list[Part]:
+        """Each fold's images in ``mask`` (over the folds' images in order); a fold left with no match is left out."""
+        out = []
+        for p, m in zip(parts, np.split(mask, ends)):
+            if (pd.Series(p.labels[m]).value_counts() > 1).any():
+                names = [n for n, keep in zip(p.ctx.names, m) if keep]
+                out.append(Part({t: [a[m] for a in models] for t, models in p.variants.items()}, p.labels[m],
+                                dataclasses.replace(p.ctx, names=names)))  # the same memo: matches are made once
+        if not out:
+            raise JaguarKitError("tune: half of the identities has no two images in any one fold: too few to tune on")
+        return out
 
-    def choose(v, yy, c, desc) -> tuple[Scored, list[Scored]]:
-        return search(v, yy, c, tuned, space, searched, progress, desc)
+    def choose(pp, desc) -> tuple[Scored, list[Scored]]:
+        return search_parts(pp, tuned, space, searched, progress, desc)
 
-    plain_tta = "none" if "none" in arrays else next(iter(arrays))
-    given_tta = base_tta if base_tta in arrays else plain_tta
+    ttas = list(parts[0].variants)
+    plain_tta = "none" if "none" in ttas else ttas[0]
+    given_tta = base_tta if base_tta in ttas else plain_tta
     plain = tuple(s.off() for s in given_steps)
     given = Pipeline(given_steps).without_images().steps
 
     # Held-out estimate: choose on one half of the identities, score on the other, both ways.
     # Each option is also scored switched off on the held-out half: the paired evidence for it.
     half_a, half_b = split_identities(y, seed)
-    options = _options(tuned, space, searched, len(y), list(arrays))
+    options = _options(tuned, space, searched, min(len(p.labels) for p in parts), ttas)
     with_option: dict[str, list] = {o: [] for o in options}
     without_option: dict[str, list] = {o: [] for o in options}
     chosen_on = dict.fromkeys(options, 0)
     swaps = []
     for tune_mask, test_mask, tag in ((half_a, half_b, "A->B"), (half_b, half_a, "B->A")):
-        tv, ty, tc = subset(tune_mask)
-        ev, ey, ec = subset(test_mask)
-        chosen, _ = choose(tv, ty, tc, f"tune on half {tag[0]}")
-        held = _score(ev, chosen.variant, chosen.steps, ey, ec)
+        tp, ep = subset(tune_mask), subset(test_mask)
+        chosen, _ = choose(tp, f"tune on half {tag[0]}")
+        held = _score(ep, chosen.variant, chosen.steps)
         m, r1 = held.map, held.rank1
         for o in options:
             used = _uses(chosen, o, plain_tta)
             chosen_on[o] += used
-            simpler = _score(ev, *_without(chosen, o, plain_tta), ey, ec) if used else held
+            simpler = _score(ep, *_without(chosen, o, plain_tta)) if used else held
             with_option[o].append(held.per_identity["map"].to_numpy())
             without_option[o].append(simpler.per_identity["map"].to_numpy())
         swaps.append({
@@ -265,8 +325,8 @@ def tune(
             "chosen": _describe(chosen.variant, chosen.steps),
             "tuned_map_on_tune_half": chosen.map,  # in-sample: what picking the best looked like
             "chosen_map": m, "chosen_rank1": r1,
-            "plain_map": _evaluate(ev, plain_tta, plain, ey, ec)[0],
-            "given_map": _evaluate(ev, given_tta, given, ey, ec)[0],
+            "plain_map": _evaluate(ep, plain_tta, plain)[0],
+            "given_map": _evaluate(ep, given_tta, given)[0],
         })
     heldout = {
         "protocol": "settings chosen on one half of the validation identities, scored on the other half",
@@ -283,32 +343,41 @@ def tune(
     off = {o for o, d in decisions.items() if not d["allowed"]}
 
     # The config to use: chosen on the full validation set among the allowed options.
-    chosen, scored = choose(arrays, y, ctx, "tune on all")
+    chosen, scored = choose(parts, "tune on all")
     in_sample_best = chosen
     if any(_uses(chosen, o, plain_tta) for o in off):
-        kept = {t: a for t, a in arrays.items() if TTA_OPTION not in off or t == plain_tta}
+        kept = [dataclasses.replace(p, variants={t: a for t, a in p.variants.items()
+                                                 if TTA_OPTION not in off or t == plain_tta}) for p in parts]
         narrowed = tuple(s.off() if s.name in off else s for s in tuned)
         only = [on and s.name not in off for s, on in zip(tuned, searched)]
-        chosen, more = search(kept, y, ctx, narrowed, space, only, progress, "tune on all, allowed options")
+        chosen, more = search_parts(kept, narrowed, space, only, progress, "tune on all, allowed options")
         seen = {tuple(s.row().items()) for s in scored}
         scored = scored + [s for s in more if tuple(s.row().items()) not in seen]
     for o, d in decisions.items():
         d["used"] = _uses(chosen, o, plain_tta)
     reports = {}
-    for step, state in Pipeline(chosen.steps).states(start(arrays[chosen.variant], ctx)):
-        report = step.report(state, y) if step is not None else None
-        if report is not None:
-            reports[step.name] = report
+    if len(parts) == 1:  # with several folds the fitted steps are off (see above)
+        p = parts[0]
+        for step, state in Pipeline(chosen.steps).states(start(p.variants[chosen.variant], p.ctx)):
+            report = step.report(state, p.labels) if step is not None else None
+            if report is not None:
+                reports[step.name] = report
+    plain_score = _score(parts, plain_tta, plain)
     baselines = {
-        "plain": {"tta": plain_tta, "map": _evaluate(arrays, plain_tta, plain, y, ctx)[0]},
-        "given": {"tta": given_tta, "map": _evaluate(arrays, given_tta, given, y, ctx)[0]},
+        "plain": {"tta": plain_tta, "map": plain_score.map},
+        "given": {"tta": given_tta, "map": _evaluate(parts, given_tta, given)[0]},
         "chosen": {"tta": chosen.variant, "map": chosen.map,
                    "note": "in-sample: the held-out figures are the honest ones"},
     }
     allowed = [not any(_uses(s, o, plain_tta) for o in off) for s in scored]
+    evidence = {"folds": len(parts), "identities": int((plain_score.per_identity["n_queries"] > 0).sum()),
+                "images": len(y),
+                "per_fold": [{"fold": f, "images": len(p.labels), "identities": int(pd.Series(p.labels).nunique())}
+                             for f, p in zip(folds, parts)],
+                "notes": notes}
     return TuneResult(chosen.variant, Pipeline(chosen.steps).to_config(base), _table(scored, tuned, allowed),
                       heldout, reports.get(LocalVerification.name), baselines, chosen.steps, reports, decisions,
-                      in_sample_best)
+                      in_sample_best, evidence)
 
 
 def _table(scored: Sequence[Scored], steps: Sequence[Step], allowed: Sequence[bool]) -> pd.DataFrame:
@@ -330,14 +399,16 @@ def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"config": out / "tuned.json", "table": out / "tune_table.csv", "report": out / "tune_report.json"}
     atomic_write_text(paths["table"], result.table.to_csv(index=False))
-    report = {"chosen": _describe(result.tta, result.steps), "decisions": result.decisions,
+    report = {"chosen": _describe(result.tta, result.steps), "evidence": result.evidence, "decisions": result.decisions,
               "heldout": result.heldout,
               "validation_in_sample": result.baselines, "calibration": result.calibration_quality,
               "fitted_steps": result.reports, "table": paths["table"].name,
               "top_settings": [{k: v for k, v in r.items() if not pd.isna(v)} for r in result.table.head(10).to_dict("records")]}
     atomic_write_text(paths["report"], json.dumps(report, indent=2, default=float) + "\n")
     why = {o: d["why"] for o, d in result.decisions.items()}  # "_" keys are notes the config loader skips
-    atomic_write_text(paths["config"], json.dumps({**result.config_dict(), "_why": why}, indent=2) + "\n")
+    rests_on = {k: result.evidence[k] for k in ("folds", "identities", "images") if k in result.evidence}
+    atomic_write_text(paths["config"], json.dumps({**result.config_dict(), "_why": why, "_evidence": rests_on},
+                                                  indent=2) + "\n")
     return paths
 
 
@@ -348,6 +419,11 @@ def summary(result: TuneResult) -> str:
              f"{h['mean_chosen_map']:.4f} vs plain {h['mean_plain_map']:.4f} ({h['gain_over_plain']:+.4f}) "
              f"vs given settings {h['mean_given_map']:.4f} ({h['gain_over_given']:+.4f})"]
     lines += [f"{o}: {d['why']}" for o, d in result.decisions.items()]
+    e = result.evidence
+    if e.get("folds", 1) > 1:
+        lines.append(f"evidence: {e['folds']} folds, {e['identities']} identities, {e['images']} validation images "
+                     "(each fold scored in its own model's embeddings, per-identity APs pooled)")
+    lines += [f"note: {n}" for n in e.get("notes", ())]
     if result.calibration_quality:
         q = result.calibration_quality
         lines.append(f"fusion calibration: log-loss {q['log_loss']:.3f}, Brier {q['brier']:.3f}, ECE {q['ece']:.3f} "
@@ -355,4 +431,4 @@ def summary(result: TuneResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TTA_ORDER", "TuneGrid", "TuneResult", "tune", "split_identities", "write_outputs", "summary"]
+__all__ = ["TTA_ORDER", "TuneGrid", "TuneResult", "tune", "tune_folds", "split_identities", "write_outputs", "summary"]

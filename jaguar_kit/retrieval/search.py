@@ -6,6 +6,10 @@ steps are searched jointly, as a tree: the state after a step's setting is compu
 and shared by every setting of the steps after it. A step marked ``joint = False`` (costly
 per setting, like local matching) starts a new stage searched on the best setting of the
 steps before it; the steps of later stages are off while an earlier stage is scored.
+
+Several parts (cross-validation folds, each in its own model's embeddings) are searched
+together: every setting is scored within each part and the parts' per-identity scores are
+pooled (:func:`~jaguar_kit.metrics.pooled_score`), so a choice rests on every part's identities.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..metrics import identity_balanced_map
+from ..metrics import RetrievalScore, identity_balanced_map, pooled_score
 from .step import Context, State, Step, start
 
 
@@ -53,6 +57,15 @@ def _advance(step: Step, state: State) -> State:
     return step.apply(state) if step.active else state
 
 
+@dataclass
+class Part:
+    """Labelled images scored among themselves: one validation set (a fold) and its embeddings."""
+
+    variants: Mapping[str, Sequence[np.ndarray]]  # name (e.g. the TTA) -> per-model embeddings
+    labels: np.ndarray
+    ctx: Context
+
+
 def search(
     variants: Mapping[str, Sequence[np.ndarray]],
     labels: np.ndarray,
@@ -68,41 +81,66 @@ def search(
     ``searched[i]``: whether ``steps[i]`` tries its candidates (else it keeps its setting);
     ``grid`` overrides the steps' own search spaces. Ties go to the earlier variant.
     """
-    y = np.asarray(labels, dtype=object)
-    n = len(y)
+    return search_parts([Part(variants, np.asarray(labels, dtype=object), ctx)], steps, grid, searched, progress,
+                        desc)
+
+
+def search_parts(
+    parts: Sequence[Part],
+    steps: Sequence[Step],
+    grid: Mapping[str, Sequence],
+    searched: Sequence[bool],
+    progress: bool = False,
+    desc: str = "tune",
+) -> tuple[Scored, list[Scored]]:
+    """:func:`search` over several parts with the same variant names, their per-identity scores pooled.
+
+    A step fitted on labels is fitted within each part; the returned steps are the first part's.
+    """
+    n = min(len(p.labels) for p in parts)
+    names = list(parts[0].variants)
     scored: list[Scored] = []
     chosen: Scored | None = None
     for lo, hi in _stages(steps, searched):
         later = tuple(s.off() for s in steps[hi:])
         cands = [steps[i].candidates(grid, n) if searched[i] else [{}] for i in range(lo, hi)]
-        if chosen is None:
-            roots = [(v, i, start(models, ctx)) for i, (v, models) in enumerate(variants.items())]
-            prefix: tuple[Step, ...] = ()
-        else:
-            prefix = chosen.steps[:lo]
-            state = start(variants[chosen.variant], ctx)
-            for s in prefix:
-                state = _advance(s, state)
-            roots = [(chosen.variant, list(variants).index(chosen.variant), state)]
-        bar = tqdm(total=len(roots) * int(np.prod([len(c) for c in cands])), desc=desc, disable=not progress,
-                   leave=False)
-        stage: list[Scored] = []
+        prefix: tuple[Step, ...] = () if chosen is None else chosen.steps[:lo]
+        roots_per_part = 1 if chosen is not None else len(names)
+        bar = tqdm(total=len(parts) * roots_per_part * int(np.prod([len(c) for c in cands])), desc=desc,
+                   disable=not progress, leave=False)
+        results: dict[tuple, list[RetrievalScore]] = {}
+        first: dict[tuple, tuple[str, tuple[Step, ...]]] = {}  # the first part's fitted steps
 
-        def walk(state: State, i: int, done: tuple, where: tuple, variant: str, rank: int) -> None:
+        def walk(state: State, i: int, done: tuple, where: tuple, variant: str, rank: int, y: np.ndarray) -> None:
             if i == hi:
                 for s in later:
                     state = _advance(s, state)
-                r = identity_balanced_map(state.similarity("the end of the pipeline"), y)
-                stage.append(Scored(variant, prefix + done + later, (rank, *where), r.map, r.rank1))
+                key = (rank, *where)
+                results.setdefault(key, []).append(identity_balanced_map(state.similarity("the end of the pipeline"),
+                                                                         y))
+                first.setdefault(key, (variant, prefix + done + later))
                 bar.update()
                 return
             for pos, cand in enumerate(cands[i - lo]):
                 step = steps[i].with_settings(**cand).fit(state, y)
-                walk(_advance(step, state), i + 1, done + (step,), where + (pos,), variant, rank)
+                walk(_advance(step, state), i + 1, done + (step,), where + (pos,), variant, rank, y)
 
-        for variant, rank, root in roots:
-            walk(root, lo, (), (), variant, rank)
+        for j, part in enumerate(parts):
+            y = np.asarray(part.labels, dtype=object)
+            if chosen is None:
+                roots = [(v, names.index(v), start(part.variants[v], part.ctx)) for v in names]
+            else:
+                state = start(part.variants[chosen.variant], part.ctx)
+                for s in prefix:  # the first part's fit is the chosen one; the others fit their own
+                    state = _advance(s if j == 0 else s.fit(state, y), state)
+                roots = [(chosen.variant, names.index(chosen.variant), state)]
+            for variant, rank, root in roots:
+                walk(root, lo, (), (), variant, rank, y)
         bar.close()
+        stage = []
+        for key, (variant, fitted) in first.items():
+            r = pooled_score(results[key])
+            stage.append(Scored(variant, fitted, key, r.map, r.rank1))
         chosen = best(stage)
         seen = {tuple(s.row().items()) for s in scored}
         scored += [s for s in stage if tuple(s.row().items()) not in seen]
@@ -110,4 +148,4 @@ def search(
     return chosen, scored
 
 
-__all__ = ["Scored", "best", "search"]
+__all__ = ["Part", "Scored", "best", "search", "search_parts"]
