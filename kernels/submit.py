@@ -176,25 +176,31 @@ for i, k in enumerate(KEYS):
 # the printed table is the top of the one it chose from (`tuned/tune_table.csv` has every row).
 # An option (QE, re-ranking, local verification) is used only when its gain on held-out identities clears
 # its noise (90% paired-bootstrap interval above 0); the printed lines say why for each.
-# With several models, the ensemble is tuned on the models that validated on the same fold.
+# With several models, the models that validated on the same fold are tuned as an ensemble; models of
+# different folds (a `--all-folds` training) each validate on their own fold: every setting is scored
+# within each fold and the per-identity APs pooled, so the choice rests on every fold's identities
+# (local verification is then not tuned: its calibration is fitted within one fold).
 
 # %%
 if TUNE and any(k in VAL for k in KEYS):
-    from jaguar_kit.tune import summary, tune, write_outputs
+    from jaguar_kit.tune import summary, tune_folds, write_outputs
 
     VALSETS = {k: Embeddings.load(VAL[k]) for k in KEYS if k in VAL}
-    first = next(iter(VALSETS.values()))
-    same = [k for k, e in VALSETS.items() if set(e.names) == set(first.names)]
-    if len(same) < len(KEYS):
-        print(f"tuning on {len(same)} of the {len(KEYS)} models (the others have no validation embeddings "
-              "or validated on another fold)")
+    FOLDS = {}  # validation images -> the models that validated on them
+    for k, e in VALSETS.items():
+        FOLDS.setdefault(frozenset(e.names), []).append(k)
+    if len(VALSETS) < len(KEYS):
+        print(f"tuning on {len(VALSETS)} of the {len(KEYS)} models (the others have no validation embeddings)")
+    if len(FOLDS) > 1:
+        print(f"tuning across {len(FOLDS)} folds: each scored within itself, per-identity APs pooled")
     IMAGES = None
     if LOCAL_VERIFY:
         comp = load_competition(DATA, check_images=False)
         IMAGES = dict(zip(comp.train["filename"].astype(str), comp.train["path"]))
-    workers = min(4, os.cpu_count() or 1) if len(first.names) >= 100 else 0
-    RESULT = tune({TTA: [VALSETS[k] for k in same]}, LABELS, cfg.retrieval, image_paths=IMAGES,
-                  local_cache=working_root() / "local_cache", base_tta=TTA, workers=workers)
+    workers = min(4, os.cpu_count() or 1) if max(map(len, FOLDS)) >= 100 else 0
+    RESULT = tune_folds({f"fold of model {KEYS.index(ks[0])}": {TTA: [VALSETS[k] for k in ks]}
+                         for ks in FOLDS.values()}, LABELS, cfg.retrieval, image_paths=IMAGES,
+                        local_cache=working_root() / "local_cache", base_tta=TTA, workers=workers)
     TUNED = write_outputs(RESULT, working_root() / "tuned")
     print(RESULT.table.head(10).to_string(index=False))
     print(summary(RESULT))
