@@ -28,6 +28,12 @@ simpler choice stands, and the report and ``tuned.json`` (under ``"_why"``) say 
 the difference and its interval. The written config is then chosen on all validation
 images among the allowed options only.
 
+Cross-validation folds (:func:`tune_folds`, ``jaguar-kit tune --folds RUN``): each fold's
+validation images come with its own model's embeddings, so every setting is scored within each
+fold and the per-identity APs are pooled over the folds (an identity validated by several folds
+averages its queries from all of them); the halves, the rule and the choice then run on the
+pooled scores, resting on every fold's identities (``evidence`` says how many).
+
 Outputs (``write_outputs``): ``tuned.json`` -- a partial config (``embed.tta`` and the whole
 ``retrieval`` section) that ``jaguar-kit submit --config tuned.json`` reads --,
 ``tune_table.csv`` (every setting scored on the full validation set, the table the choice
