@@ -7,7 +7,7 @@ and the ``frozen:BACKBONE`` model source: :func:`~.backbones.frozen_source`,
 reading which model made it.
 """
 
-from importlib import import_module
+from ..lazy import lazy_exports
 
 _HOME = {  # public name -> the module that defines it
     "BackboneSpec": "backbones",
@@ -30,13 +30,4 @@ _HOME = {  # public name -> the module that defines it
 __all__ = list(_HOME)
 
 
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(import_module(f".{_HOME[name]}", __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
