@@ -168,34 +168,26 @@ def _top_k(text: str) -> int:
     return value
 
 
-def _similarity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not -1 <= value <= 1:  # also NaN
-        raise argparse.ArgumentTypeError(f"a cosine similarity between -1 and 1, got {text!r}")
-    return value
+def _number_in(low: float, high: float, what: str, strict: bool = False):
+    """An argparse type: a number from ``low`` to ``high`` (``strict``: strictly between), else
+    one line saying what it should be (``what``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        inside = low < value < high if strict else low <= value <= high  # NaN is never inside
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _confidence(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:  # also NaN
-        raise argparse.ArgumentTypeError(f"a detection confidence from 0 to 1 (e.g. 0.2), got {text!r}")
-    return value
-
-
-def share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:  # also NaN
-        raise argparse.ArgumentTypeError(f"a share strictly between 0 and 1 (e.g. 0.05), got {text!r}")
-    return value
+_similarity = _number_in(-1, 1, "a cosine similarity between -1 and 1")
+_confidence = _number_in(0, 1, "a detection confidence from 0 to 1 (e.g. 0.2)")
+share = _number_in(0, 1, "a share strictly between 0 and 1 (e.g. 0.05)", strict=True)
 
 
 def _add_photo_model(p: argparse.ArgumentParser, default: str | None) -> None:
