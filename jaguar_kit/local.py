@@ -41,6 +41,19 @@ Learned matchers (kornia's DISK / ALIKED + LightGlue) are a hook, not a default:
 object with ``extract(rgb, mask) -> ImageFeatures`` and ``match(a, b) -> MatchScore``
 can be passed as ``matcher``; kornia downloads their weights at run time, so such a
 matcher must load weights attached as an input (this module never fetches anything).
+
+The static scene: without a mask (a JPEG camera-trap photo, or a box cut from one),
+keypoints also land on the background, and two photos of *different* animals taken by the
+same camera share that background -- the same trunks, leaves and timestamp band at the
+same pixels. Such matches are geometrically perfect (an identity transform) and RANSAC
+keeps them all. So every keypoint also keeps its position in the original photo (the
+frame), and a tentative match whose two keypoints lie within ``STATIC_SHARE`` of the
+frame's longest side of each other, in two unmasked photos of the same frame size, is
+dropped before RANSAC: an animal does not stand on the same pixels in the same pose in two
+photos, the scene does. On the synthetic jaguars saved as JPEG without masks (11
+individuals, 288 px; :func:`static_scene`'s docstring has the figures) this takes the
+most inliers between different animals from MEASURED_BEFORE to MEASURED_AFTER. Masked
+keypoints lie on the animal, so masked photos are matched exactly as before.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -64,9 +77,14 @@ from .processes import run_tasks
 
 log = logging.getLogger(__name__)
 
-FEATURE_VERSION = 1  # bump when extraction changes: cached features are then recomputed
+FEATURE_VERSION = 2  # bump when extraction changes: cached features are then recomputed (2: frame positions)
 MAX_SCALE = 4.0  # largest accepted scale change between two views of one flank
 MAX_ROTATION_DEG = 60.0
+# A match moving less than this share of the frame's longest side is the static scene (module
+# docstring): 2 % is 6 px on a 288 px frame, 38 px on a 1920 px one -- above the jitter of a
+# keypoint re-detected in a recompressed JPEG (about 1 px), below how far an animal moves
+# between two photos (a burst of the synthetic jaguars: 3 % of the width, one sd).
+STATIC_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,10 @@ class ImageFeatures:
     points: np.ndarray  # (n, 2) float32 keypoint positions in the resized crop
     descriptors: np.ndarray  # (n, 128) float32 RootSIFT, unit L2 norm
     shape: tuple[int, int]  # (height, width) of the resized crop
+    # where the keypoints lie in the original photo (the static-scene rule); None: unknown
+    frame_points: np.ndarray | None = None  # (n, 2) float32 positions in the photo's pixels
+    frame_shape: tuple[int, int] | None = None  # (height, width) of the photo
+    masked: bool = False  # keypoints were detected inside the animal's mask only
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -137,6 +159,13 @@ def rootsift(desc: np.ndarray) -> np.ndarray:
 
 
 def _crop(rgb: np.ndarray, mask: np.ndarray | None, s: LocalSettings) -> tuple[np.ndarray, np.ndarray | None]:
+    return _placed_crop(rgb, mask, s)[:2]
+
+
+def _placed_crop(rgb: np.ndarray, mask: np.ndarray | None, s: LocalSettings):
+    """:func:`_crop`, and where the crop lies in ``rgb``: ``(crop, mask, (x0, y0, sx, sy))``, the crop
+    showing ``rgb`` from ``(x0, y0)`` on, resized by ``sx`` across and ``sy`` down."""
+    x0 = y0 = 0
     if mask is not None:
         box = crop_box(mask, s.crop_margin)
         if box is None:  # fully transparent: no usable mask, keep the whole picture
@@ -144,7 +173,7 @@ def _crop(rgb: np.ndarray, mask: np.ndarray | None, s: LocalSettings) -> tuple[n
         else:
             x0, y0, x1, y1 = box
             rgb, mask = rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    scale = s.size / max(rgb.shape[:2])
+    scale, (h, w) = s.size / max(rgb.shape[:2]), rgb.shape[:2]
     if scale != 1.0:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
@@ -153,7 +182,7 @@ def _crop(rgb: np.ndarray, mask: np.ndarray | None, s: LocalSettings) -> tuple[n
             mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     if mask is not None:
         mask = np.where(mask >= MASK_THRESHOLD, 255, 0).astype(np.uint8)
-    return rgb, mask
+    return rgb, mask, (x0, y0, rgb.shape[1] / w, rgb.shape[0] / h)
 
 
 class SiftMatcher:
@@ -164,28 +193,54 @@ class SiftMatcher:
         self._matcher = cv2.BFMatcher(cv2.NORM_L2)
 
     def extract(self, rgb: np.ndarray, mask: np.ndarray | None) -> ImageFeatures:
+        """Features of ``rgb`` (the frame their ``frame_points`` are positioned in)."""
         s = self.settings
-        rgb, mask = _crop(rgb, mask, s)
+        frame_shape = tuple(rgb.shape[:2])
+        rgb, mask, (x0, y0, sx, sy) = _placed_crop(rgb, mask, s)
+        masked = mask is not None and s.use_mask
         gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
         if s.clahe:
             gray = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(gray)
         sift = cv2.SIFT_create(nfeatures=s.max_keypoints)
         kps, desc = sift.detectAndCompute(gray, mask if s.use_mask else None)
         if desc is None or not kps:
-            return ImageFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), gray.shape[:2])
+            none = np.zeros((0, 2), np.float32)
+            return ImageFeatures(none, np.zeros((0, 128), np.float32), gray.shape[:2], none, frame_shape, masked)
         kps, desc = kps[: s.max_keypoints], desc[: s.max_keypoints]
         pts = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
-        return ImageFeatures(pts, rootsift(desc), tuple(gray.shape[:2]))
+        # a resized pixel's centre (p + 0.5) / scale - 0.5 in the frame's pixels
+        frame = ((pts + 0.5) / np.array([sx, sy], np.float32) - 0.5 + np.array([x0, y0], np.float32))
+        return ImageFeatures(pts, rootsift(desc), tuple(gray.shape[:2]), frame, frame_shape, masked)
 
     def match(self, a: ImageFeatures, b: ImageFeatures) -> MatchScore:
         if len(a) < 2 or len(b) < 2:
             return MatchScore(0, 0)
         pairs = self._matcher.knnMatch(a.descriptors, b.descriptors, k=2)
         good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < self.settings.ratio * n.distance]
-        src = a.points[[m.queryIdx for m in good]].reshape(-1, 2)
-        dst = b.points[[m.trainIdx for m in good]].reshape(-1, 2)
+        qi, ti = [m.queryIdx for m in good], [m.trainIdx for m in good]
+        if same_scene(a, b):
+            keep = ~static_scene(a.frame_points[qi], b.frame_points[ti], a.frame_shape)
+            qi, ti = np.asarray(qi, np.int64)[keep], np.asarray(ti, np.int64)[keep]
+        src = a.points[qi].reshape(-1, 2)
+        dst = b.points[ti].reshape(-1, 2)
         inliers = similarity_inliers(src, dst, self.settings)
-        return MatchScore(int(inliers.sum()), len(good))
+        return MatchScore(int(inliers.sum()), len(src))
+
+
+def same_scene(a: ImageFeatures, b: ImageFeatures) -> bool:
+    """Whether the static-scene rule applies between two photos: both unmasked, of one frame size."""
+    return (a.frame_shape is not None and a.frame_shape == b.frame_shape and not a.masked and not b.masked
+            and a.frame_points is not None and b.frame_points is not None)
+
+
+def static_scene(src: np.ndarray, dst: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Which tentative matches ``src[i] -> dst[i]`` (frame positions) are the static scene (bool mask).
+
+    Both keypoints within ``STATIC_SHARE`` of the frame's longest side of each other: the
+    background, not the animal (the module docstring). Measured: MEASURED_DETAIL
+    """
+    src, dst = np.asarray(src, np.float32).reshape(-1, 2), np.asarray(dst, np.float32).reshape(-1, 2)
+    return np.hypot(*(src - dst).T) < STATIC_SHARE * max(frame_shape)
 
 
 def similarity_inliers(src: np.ndarray, dst: np.ndarray, settings: LocalSettings) -> np.ndarray:
@@ -224,13 +279,19 @@ def _extract_file(task: tuple[str, tuple | None, LocalSettings, str]) -> ImageFe
     path, box, settings, digest = task
     if file_digest(path, len(digest), "image") != digest:  # cached under this content: never other pixels
         raise JaguarKitError(f"{path}: changed since it was read (other content); restore it, or index the photos again")
-    rgb, mask = cut_box(*decode_image(path), box, path)
-    return SiftMatcher(settings).extract(rgb, mask if settings.use_mask else None)
+    rgb, mask = decode_image(path)
+    frame_shape = tuple(rgb.shape[:2])
+    rgb, mask = cut_box(rgb, mask, box, path)
+    f = SiftMatcher(settings).extract(rgb, mask if settings.use_mask else None)
+    if box is not None:  # the keypoints' positions in the whole photo, not in its box
+        x0, y0 = min(box[0], frame_shape[1]), min(box[1], frame_shape[0])  # as cut_box cuts it
+        f = replace(f, frame_points=f.frame_points + np.array([x0, y0], np.float32), frame_shape=frame_shape)
+    return f
 
 
 # ----------------------------------------------------------------------------- the cache
 
-CHUNK_FIELDS = ("counts", "shapes", "points", "descriptors")
+CHUNK_FIELDS = ("counts", "shapes", "points", "descriptors", "frame_points", "frames")
 
 
 def _save_chunk(path: Path, feats: list[ImageFeatures], names: list[str], fingerprint: str) -> None:
@@ -239,6 +300,8 @@ def _save_chunk(path: Path, feats: list[ImageFeatures], names: list[str], finger
         counts=np.array([len(f) for f in feats], dtype=np.int64),
         shapes=np.array([f.shape for f in feats], dtype=np.int64).reshape(-1, 2),
         points=np.concatenate([f.points for f in feats]) if feats else np.zeros((0, 2), np.float32),
+        frame_points=np.concatenate([f.frame_points for f in feats]) if feats else np.zeros((0, 2), np.float32),
+        frames=np.array([(*f.frame_shape, f.masked) for f in feats], dtype=np.int64).reshape(-1, 3),
         # float16 halves the cache; RootSIFT values lie in [0, 1] and matching does not notice
         descriptors=(np.concatenate([f.descriptors for f in feats]) if feats
                      else np.zeros((0, 128), np.float32)).astype(np.float16),
@@ -250,14 +313,18 @@ def _load_chunk(path: Path, fingerprint: str, names: list[str]) -> list[ImageFea
     z = load_chunk(path, fingerprint, names, CHUNK_FIELDS, "jaguar_kit local-feature chunk")
     if z is None:
         return None
-    counts, shapes, points, desc = (z[k] for k in CHUNK_FIELDS)
+    counts, shapes, points, desc, frame_points, frames = (z[k] for k in CHUNK_FIELDS)
     if len(counts) != len(names) or counts.sum() != len(points) or len(points) != len(desc):
         return None
-    if not np.isfinite(points).all() or not np.isfinite(desc).all():
+    if len(frame_points) != len(points) or frames.shape != (len(names), 3):
+        return None
+    if not np.isfinite(points).all() or not np.isfinite(desc).all() or not np.isfinite(frame_points).all():
         return None
     ends = np.cumsum(counts)
     return [ImageFeatures(points[end - n:end].astype(np.float32), desc[end - n:end].astype(np.float32),
-                          (int(shapes[i, 0]), int(shapes[i, 1]))) for i, (n, end) in enumerate(zip(counts, ends))]
+                          (int(shapes[i, 0]), int(shapes[i, 1])), frame_points[end - n:end].astype(np.float32),
+                          (int(frames[i, 0]), int(frames[i, 1])), bool(frames[i, 2]))
+            for i, (n, end) in enumerate(zip(counts, ends))]
 
 
 @dataclass
@@ -319,8 +386,7 @@ def compute_local_features(
                 _save_chunk(path, got, chunk_names, fp)
                 # the features as the chunk keeps them (float16 descriptors): a later run that reads
                 # the chunk back then matches, and decides, exactly as this one
-                got = [ImageFeatures(f.points, f.descriptors.astype(np.float16).astype(np.float32), f.shape)
-                       for f in got]
+                got = [replace(f, descriptors=f.descriptors.astype(np.float16).astype(np.float32)) for f in got]
                 computed += 1
             else:
                 reused += 1
@@ -336,7 +402,9 @@ __all__ = [
     "Matcher",
     "SiftMatcher",
     "rootsift",
+    "same_scene",
     "similarity_inliers",
+    "static_scene",
     "crop_for_features",
     "image_digest",
     "compute_local_features",

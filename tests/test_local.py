@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 
-from jaguar_kit.data.synth_image import render_image
+from jaguar_kit.data.synth_image import render_image, render_scene
 from jaguar_kit.local import LocalSettings, SiftMatcher, compute_local_features, rootsift
+from jaguar_kit.photos.coat import CoatIndex
 
 SETTINGS = LocalSettings(size=384, max_keypoints=600)
 
@@ -78,3 +81,38 @@ def test_features_cache_resumes_and_is_content_keyed(tmp_path):
     other = compute_local_features(names, paths, tmp_path / "cache", LocalSettings(size=160, max_keypoints=200),
                                    chunk_size=2, progress=False)
     assert other.reused_chunks == 0
+
+
+def _in_scene(scene: np.ndarray, bgra: np.ndarray) -> np.ndarray:
+    """The animal of a rendered photo (its alpha) pasted into a camera's scene, as that camera takes it."""
+    return np.where(bgra[..., 3:] > 127, bgra[..., :3], scene)
+
+
+def test_the_static_scene_of_one_camera_is_not_evidence(tmp_path):
+    # JPEG camera-trap photos (no mask): two different animals in front of one camera's scene,
+    # and the first animal again in another photo of that scene and in a scene of its own
+    scene = render_scene(0, 0, 384)
+    photos = {"a": _in_scene(scene, render_image(0, 1, 0, 0, 384)),
+              "other animal": _in_scene(scene, render_image(0, 2, 0, 0, 384)),
+              "a again": _in_scene(scene, render_image(0, 1, 0, 1, 384)),
+              "a elsewhere": render_image(0, 1, 0, 3, 384)[..., :3]}
+    paths = []
+    for name, bgr in photos.items():
+        paths.append(tmp_path / f"{name}.jpg")
+        cv2.imwrite(str(paths[-1]), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    # the same photos once more as boxes cut from them (a detector's boxes: the scene
+    # inside them lies at other places of the boxes, at the same places of the frames)
+    boxes = [None] * 4 + [(40, 20, 300, 220), (70, 30, 300, 220), (20, 10, 330, 230), (50, 20, 300, 220)]
+    f = compute_local_features([f"{i}" for i in range(8)], paths * 2, tmp_path / "cache", SETTINGS,
+                               progress=False, boxes=boxes).features
+    m = SiftMatcher(SETTINGS)
+    for a, other, again, elsewhere in (f[:4], f[4:]):
+        scene_only = replace(other, frame_shape=None)  # without the frame, the old matching
+        assert m.match(a, scene_only).inliers >= 20  # the test could fail: the scene alone matches
+        assert m.match(a, other).inliers <= 6, m.match(a, other)
+        assert m.match(a, again).inliers >= 15, m.match(a, again)  # the animal still matches in its scene
+        assert m.match(a, elsewhere).inliers >= 15, m.match(a, elsewhere)
+    # the same rule in the one-vs-many coat evidence
+    index = CoatIndex(f[1:4], np.array([1, 0, 0]), 2, SETTINGS)
+    ev = index.evidence([f[0], f[4]]).inliers
+    assert ev[:, 0].min() >= 15 and ev[:, 1].max() <= 6, ev

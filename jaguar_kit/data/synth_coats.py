@@ -15,7 +15,7 @@ import numpy as np
 
 # SeedSequence spawn-key namespaces: one stream per purpose, so that adding identities or
 # images never changes the ones already there.
-_KEY_COAT, _KEY_FLANKS, _KEY_IMAGE, _KEY_NAMES, _KEY_SHUFFLE, _KEY_ENCOUNTER = range(6)
+_KEY_COAT, _KEY_FLANKS, _KEY_IMAGE, _KEY_NAMES, _KEY_SHUFFLE, _KEY_ENCOUNTER, _KEY_SCENE = range(7)
 
 # The coat canvas in body units (x: head at -, tail at +; y: down). It holds the whole
 # posed animal (head, legs, tail) for every window offset.

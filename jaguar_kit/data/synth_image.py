@@ -16,6 +16,7 @@ from .synth_coats import (
     _FIX,
     _KEY_ENCOUNTER,
     _KEY_IMAGE,
+    _KEY_SCENE,
     _SHIFT,
     _X0,
     _Y0,
@@ -427,3 +428,12 @@ def render_image(
         )
     return np.dstack([rgb[..., ::-1], alpha])
 
+
+
+def render_scene(seed: int, camera: int, size: int) -> np.ndarray:
+    """A camera's empty scene (uint8 BGR, the size of :func:`render_image`'s photos): the static
+    background that every photo of one camera trap shows, whichever animal walks past."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_KEY_SCENE, camera)))
+    w, h = size, int(round(size * 2 / 3))
+    rgb = (np.clip(_background(rng, h, w, size / 256), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(rgb[..., ::-1])

@@ -15,7 +15,9 @@ zebras and jaguars, one-vs-many:
    clearly closer than the nearest descriptor of *any other individual* (Lowe's ratio test
    across individuals, 0.8: several photos of the same animal do not cancel each other, as
    they would in a pairwise ratio test);
-3. the tentative matches are grouped by catalogue photo, and a RANSAC similarity transform
+3. the tentative matches are grouped by catalogue photo, those on the static scene of an
+   unmasked photo are dropped (two keypoints at the same place of two frames of one size:
+   :func:`~jaguar_kit.local.static_scene`), and a RANSAC similarity transform
    (:func:`~jaguar_kit.local.similarity_inliers`) keeps the geometrically consistent ones.
 
 An individual's evidence is its best photo's inlier count. A mirrored flank never matches:
@@ -36,7 +38,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..local import ImageFeatures, LocalSettings, compute_local_features, crop_for_features, similarity_inliers
+from ..local import (ImageFeatures, LocalSettings, compute_local_features, crop_for_features, same_scene,
+                     similarity_inliers, static_scene)
 from .inputs import Photo
 
 # The photos' local features: 512 px across the animal keeps rosettes several pixels wide on a
@@ -82,6 +85,10 @@ class CoatIndex:
         self.photo = np.repeat(rows, counts).astype(np.int64)
         self.code = np.asarray(codes)[self.photo]
         self.points = np.concatenate([features[r].points for r in rows] + [np.zeros((0, 2), np.float32)])
+        self.features = features  # per catalogue row: its frame, for the static-scene rule
+        self.frame_points = np.concatenate([features[r].points if features[r].frame_points is None
+                                            else features[r].frame_points for r in rows]
+                                           + [np.zeros((0, 2), np.float32)])
         descriptors = np.concatenate([features[r].descriptors for r in rows] + [np.zeros((0, 128), np.float32)])
         self._index = None
         if len(descriptors) >= 2:
@@ -130,6 +137,8 @@ class CoatIndex:
         out = []
         for row in np.unique(rows):
             sel = rows == row
+            if same_scene(f, self.features[row]):
+                sel &= ~static_scene(f.frame_points[good], self.frame_points[cols], f.frame_shape)
             keep = similarity_inliers(src[sel], dst[sel], self.settings)
             if keep.any():
                 out.append((int(row), np.hstack([src[sel][keep], dst[sel][keep]])))
