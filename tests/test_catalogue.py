@@ -210,8 +210,8 @@ def test_damaged_catalogue_is_one_line(tmp_path):
 
 
 def test_identify_top_k_decisions_and_known_photo(layout, tmp_path):
-    model = shared_model()
-    cat = build_catalogue(read_photos(layout.photos), model, tmp_path / "cat", progress=False)
+    model = shared_model()  # the global score alone (coat-pattern decisions: tests/test_identify_coat.py)
+    cat = build_catalogue(read_photos(layout.photos), model, tmp_path / "cat", progress=False, coat="off")
     queries = read_photos(layout.unlabelled, folder_labels=False)
     # a catalogue photo itself, renamed: identified as its individual with the top score
     res = identify(cat, queries + read_photos(layout.photos)[:1], model=model, top_k=3, cache_dir=tmp_path / "q",
