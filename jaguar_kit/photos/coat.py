@@ -81,9 +81,9 @@ class CoatIndex:
                  settings: LocalSettings = COAT_SETTINGS, rows: Sequence[int] | None = None):
         rows = np.arange(len(features)) if rows is None else np.asarray(rows, np.int64)
         counts = [len(features[r]) for r in rows]
-        self.n_ids, self.settings, self.codes = n_ids, settings, np.asarray(codes)
-        self.photo = np.repeat(rows, counts).astype(np.int64)
-        self.code = np.asarray(codes)[self.photo]
+        self.n_ids, self.settings, self.row_codes = n_ids, settings, np.asarray(codes)
+        self.photo = np.repeat(rows, counts).astype(np.int64)  # per descriptor: its catalogue row
+        self.code = self.row_codes[self.photo]  # per descriptor: its individual
         self.points = np.concatenate([features[r].points for r in rows] + [np.zeros((0, 2), np.float32)])
         self.features = features  # per catalogue row: its frame, for the static-scene rule
         self.frame_points = np.concatenate([features[r].points if features[r].frame_points is None
@@ -106,7 +106,7 @@ class CoatIndex:
         for q, f in enumerate(queries):
             best = {}
             for row, both in self._matches(f, None if exclude is None else exclude[q]):
-                i = self.codes[row]
+                i = self.row_codes[row]
                 if len(both) > inliers[q, i]:
                     inliers[q, i], photo[q, i], best[i] = len(both), row, both
             pairs[q] = {int(photo[q, i]): both for i, both in best.items()}
