@@ -78,8 +78,12 @@ class CoatIndex:
     """Every descriptor of some catalogue photos, in one FLANN index (see the module docstring)."""
 
     def __init__(self, features: Sequence[ImageFeatures], codes: np.ndarray, n_ids: int,
-                 settings: LocalSettings = COAT_SETTINGS, rows: Sequence[int] | None = None):
+                 settings: LocalSettings = COAT_SETTINGS, rows: Sequence[int] | None = None,
+                 keys: Sequence[str] | None = None):
         rows = np.arange(len(features)) if rows is None else np.asarray(rows, np.int64)
+        if keys is not None:  # FLANN's search is approximate and depends on the order it was given the
+            # descriptors in: by content key, the same photos give the same evidence however listed
+            rows = rows[np.argsort(np.asarray(keys, dtype=object)[rows].astype(str), kind="stable")]
         counts = [len(features[r]) for r in rows]
         self.n_ids, self.settings, self.row_codes = n_ids, settings, np.asarray(codes)
         self.photo = np.repeat(rows, counts).astype(np.int64)  # per descriptor: its catalogue row
@@ -172,13 +176,18 @@ def coat_hold_out(features: Sequence[ImageFeatures], codes: np.ndarray, n_ids: i
         same = (key == key[r]) | ((enc == enc[r]) & (enc[r] != "") & (codes == codes[r]))
         same[r] = True
         exclude.append(np.flatnonzero(same))
-    known = CoatIndex(features, codes, n_ids, settings).evidence(features, exclude).inliers
+    known = CoatIndex(features, codes, n_ids, settings, keys=key).evidence(features, exclude).inliers
     new = np.zeros_like(known)
-    folds = np.random.default_rng(seed).permutation(n_ids) % min(CALIBRATION_FOLDS, n_ids)
+    # individuals in a fixed order (by their first photo's content key), so the folds do not depend
+    # on the order the photos were listed in
+    first = [min(key[codes == i].astype(str), default="") for i in range(n_ids)]
+    canonical = np.argsort(np.asarray(first, dtype=object).astype(str), kind="stable")
+    folds = np.empty(n_ids, np.int64)
+    folds[canonical] = np.random.default_rng(seed).permutation(n_ids) % min(CALIBRATION_FOLDS, n_ids)
     for g in range(folds.max() + 1):
         held = np.isin(codes, np.flatnonzero(folds == g))
         if held.any() and (~held).any():
-            index = CoatIndex(features, codes, n_ids, settings, rows=np.flatnonzero(~held))
+            index = CoatIndex(features, codes, n_ids, settings, rows=np.flatnonzero(~held), keys=key)
             new[held] = index.evidence([features[r] for r in np.flatnonzero(held)]).inliers
     return CoatHoldOut(known, new)
 
