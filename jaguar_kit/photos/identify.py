@@ -62,7 +62,7 @@ class Identification:
         return Path(path)
 
 
-def what_to_check(decision: str, ids, passes, probs, cal: Calibration | None, same_file: str | None) -> str:
+def what_to_check(decision: str, ids, statistics, probs, cal: Calibration | None, same_file: str | None) -> str:
     """The decision in plain words (:func:`~.calibration.decision_words`) and what the reviewer should do."""
     if same_file:
         return f"Same file as catalogue photo {same_file} ({ids[0] if decision != 'new' else 'listed there'})."
@@ -74,7 +74,7 @@ def what_to_check(decision: str, ids, passes, probs, cal: Calibration | None, sa
     if band == "new":
         return (f"{words}. Compare the coat pattern with {ids[0]}; if it is not, give it a new name and add it "
                 f"to the catalogue.")
-    if len(ids) > 1 and passes[1]:
+    if len(ids) > 1 and statistics[1] >= cal.threshold:  # the score, or the fused logit (Calibration.statistic)
         return (f"{words}; {ids[1]} also passes the threshold (p={probs[1]:.2f}): compare both on the same flank; "
                 f"if they are one animal, merge their names.")
     if band == "almost certainly":
@@ -193,7 +193,6 @@ def _identification(cat: Catalogue, photos, keys, files, emb, top_k, cache: Path
     if cal is not None and cal.uses_coat:
         coat = coat_evidence(cat, photos, keys, cache or cat.cache_dir(), progress, workers)
     c = identify_embeddings(cat, emb, top_k, coat)
-    passes = c.statistic >= (cal.threshold if cal is not None else -np.inf)  # what Identification.top_passes says
     caution = calibration_banner(cal) or ""
     by_key = {}
     for j, k in enumerate(cat.keys):
@@ -201,7 +200,7 @@ def _identification(cat: Catalogue, photos, keys, files, emb, top_k, cache: Path
     rows = []
     for i, p in enumerate(photos):
         same = cat.names[by_key[keys[i]]] if keys[i] in by_key else None
-        check = what_to_check(c.decisions[i], list(c.ids[i]), list(passes[i]), list(c.probs[i]), cal, same)
+        check = what_to_check(c.decisions[i], list(c.ids[i]), list(c.statistic[i]), list(c.probs[i]), cal, same)
         row = {"photo": p.label, "path": str(p.path), "decision": c.decisions[i],
                "confidence": decision_band(c.decisions[i], c.probs[i, 0], cal),
                "probability": round(float(c.probs[i, 0]), 4), "score": round(float(c.scores[i, 0]), 4)}
