@@ -71,7 +71,9 @@ def test_identify_report_is_self_contained_with_one_entry_per_photo(setup):
     res = identify(cat, photos, model=shared_model(), top_k=3, cache_dir=tmp / "q", progress=False)
     page = parse(write_identify_report(res, tmp / "identify.html"))
     assert sorted(page.entries) == sorted(p.label for p in photos)
-    assert len(page.images) == len(photos) * 4  # the photo + 3 candidates each
+    matched = sum(m is not None and len(m) > 0 for m in (res.match_points or []))
+    # the photo + 3 candidates each, and the matched keypoints where the top candidate's coat matched
+    assert len(page.images) == len(photos) * 4 + matched
     assert_images_resolve(page)
     text = " ".join(page.text)
     assert "<b>odd & \"name\".jpg" in text  # shown as text, not markup
