@@ -81,6 +81,7 @@ class CoatIndex:
                  settings: LocalSettings = COAT_SETTINGS, rows: Sequence[int] | None = None,
                  keys: Sequence[str] | None = None):
         rows = np.arange(len(features)) if rows is None else np.asarray(rows, np.int64)
+        self.keys = None if keys is None else np.asarray(keys, dtype=object).astype(str)
         if keys is not None:  # FLANN's search is approximate and depends on the order it was given the
             # descriptors in: by content key, the same photos give the same evidence however listed
             rows = rows[np.argsort(np.asarray(keys, dtype=object)[rows].astype(str), kind="stable")]
@@ -99,24 +100,28 @@ class CoatIndex:
             self._index = cv2.flann_Index(np.ascontiguousarray(descriptors, np.float32),
                                           {"algorithm": 1, "trees": FLANN_TREES})  # 1: FLANN_INDEX_KDTREE
 
-    def evidence(self, queries: Sequence[ImageFeatures],
-                 exclude: Sequence[np.ndarray | None] | None = None) -> CoatEvidence:
+    def evidence(self, queries: Sequence[ImageFeatures], exclude: Sequence[np.ndarray | None] | None = None,
+                 keys: Sequence[str] | None = None) -> CoatEvidence:
         """Inliers of each query against each individual; ``exclude[q]``: catalogue rows query ``q``
-        must not match (itself and its encounter, when the catalogue is scored against itself)."""
+        must not match (itself and its encounter, when the catalogue is scored against itself);
+        ``keys``: the queries' content keys (with the index's own keys: a query that *is* a catalogue
+        photo matches it whole, static scene included)."""
         n = len(queries)
         inliers = np.zeros((n, self.n_ids), np.int64)
         photo = np.full((n, self.n_ids), -1, np.int64)
         pairs: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
         for q, f in enumerate(queries):
             best = {}
-            for row, both in self._matches(f, None if exclude is None else exclude[q]):
+            same = (np.flatnonzero(self.keys == str(keys[q])) if keys is not None and self.keys is not None
+                    else np.zeros(0, np.int64))
+            for row, both in self._matches(f, None if exclude is None else exclude[q], same):
                 i = self.row_codes[row]
                 if len(both) > inliers[q, i]:
                     inliers[q, i], photo[q, i], best[i] = len(both), row, both
             pairs[q] = {int(photo[q, i]): both for i, both in best.items()}
         return CoatEvidence(inliers, photo, pairs)
 
-    def _matches(self, f: ImageFeatures, exclude: np.ndarray | None):
+    def _matches(self, f: ImageFeatures, exclude: np.ndarray | None, same_photo: np.ndarray):
         """(catalogue row, inlier points) for every catalogue photo with consistent matches."""
         if self._index is None or len(f) == 0:
             return []
@@ -141,7 +146,7 @@ class CoatIndex:
         out = []
         for row in np.unique(rows):
             sel = rows == row
-            if same_scene(f, self.features[row]):
+            if same_scene(f, self.features[row]) and row not in same_photo:
                 sel &= ~static_scene(f.frame_points[good], self.frame_points[cols], f.frame_shape)
             keep = similarity_inliers(src[sel], dst[sel], self.settings)
             if keep.any():

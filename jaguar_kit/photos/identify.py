@@ -183,7 +183,7 @@ def coat_evidence(cat: Catalogue, photos: Sequence[Photo], keys: Sequence[str], 
     cat_features = photo_features(cat.photos(), cat.keys, cat.cache_dir(fallback=cache), workers, progress)
     features = photo_features(photos, keys, cache, workers, progress)
     codes, uniques = cat.codes()
-    return CoatIndex(cat_features, codes, len(uniques), keys=cat.keys).evidence(features)
+    return CoatIndex(cat_features, codes, len(uniques), keys=cat.keys).evidence(features, keys=keys)
 
 
 def _identification(cat: Catalogue, photos, keys, files, emb, top_k, cache: Path | None = None,
