@@ -236,3 +236,33 @@ def test_catalogue_photo_changed_since_indexing_is_one_line(coat_run, tmp_path):
     line = _one_line_error(_identify(cat, coat_run.sightings, out))
     assert str(changed) in line and "changed" in line, line
     assert not (out / "identify.csv").exists()
+
+
+def test_coat_evidence_is_the_same_whatever_ran_before_and_however_listed():
+    """FLANN's kd-trees are randomised: the same catalogue must give the same evidence in any
+    process state and listing order (a decision must not change because another command ran first)."""
+    from jaguar_kit.local import ImageFeatures
+    from jaguar_kit.photos.coat import CoatIndex
+
+    rng = np.random.default_rng(0)
+    patterns = [rng.random((400, 128)).astype(np.float32) for _ in range(6)]  # each animal's own keypoints
+    places = [rng.random((400, 2)).astype(np.float32) * 300 for _ in range(6)]
+
+    def photo(i: int) -> ImageFeatures:  # a view of animal i % 6: its pattern, moved, with noise
+        d = patterns[i % 6] + rng.random((400, 128)).astype(np.float32) * 0.6
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        return ImageFeatures((places[i % 6] + [i * 3.0, i * 2.0]).astype(np.float32), d, (300, 300))
+
+    feats = [photo(i) for i in range(24)]
+    codes = np.arange(24) % 6
+    keys = [f"k{i:02d}" for i in range(24)]
+    queries = [photo(i) for i in range(6)]
+    first = CoatIndex(feats, codes, 6, keys=keys).evidence(queries).inliers
+    cv2.flann_Index(np.ascontiguousarray(patterns[0]), {"algorithm": 1, "trees": 4})  # another index: OpenCV's RNG
+    cv2.randu(np.zeros((4, 4), np.float32), 0, 1)
+    again = CoatIndex(feats, codes, 6, keys=keys).evidence(queries).inliers
+    order = np.random.default_rng(1).permutation(24)  # listed in another order
+    shuffled = CoatIndex([feats[i] for i in order], codes[order], 6, keys=[keys[i] for i in order]).evidence(queries)
+    assert first.sum() > 0  # there is evidence to compare
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, shuffled.inliers)

@@ -97,6 +97,10 @@ class CoatIndex:
         descriptors = np.concatenate([features[r].descriptors for r in rows] + [np.zeros((0, 128), np.float32)])
         self._index = None
         if len(descriptors) >= 2:
+            # the kd-trees are randomised with OpenCV's process-wide RNG: seeded here, the same photos give
+            # the same index in any process, whatever ran before (measured: three builds in one process
+            # gave three different neighbour lists without it)
+            cv2.setRNGSeed(0)
             self._index = cv2.flann_Index(np.ascontiguousarray(descriptors, np.float32),
                                           {"algorithm": 1, "trees": FLANN_TREES})  # 1: FLANN_INDEX_KDTREE
 
