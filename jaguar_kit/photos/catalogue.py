@@ -73,9 +73,12 @@ class Catalogue:
     encounters: list[str] = field(default_factory=list)  # each photo's encounter ("" unknown; empty list: none)
 
     def photos(self) -> list[Photo]:
-        """The catalogue's photos as recorded (paths, boxes, individuals, encounters), not re-read."""
+        """The catalogue's photos as recorded (paths, boxes, individuals, encounters), not re-read;
+        each one's ``origin`` names the catalogue (see :func:`catalogue_photos` to check them)."""
+        where = self.folder / NPZ if self.folder is not None else Path(NPZ)
         encounters = self.encounters or [""] * len(self)
-        return [Photo(Path(path), ident, None if box[0] < 0 else tuple(int(v) for v in box), name, name, enc or None)
+        return [Photo(Path(path), ident, None if box[0] < 0 else tuple(int(v) for v in box), name,
+                      f"{where} ({name})", enc or None)
                 for path, ident, box, name, enc in zip(self.paths, self.identities, self.boxes, self.names, encounters)]
 
     def __len__(self) -> int:
@@ -349,12 +352,10 @@ def catalogue_photos(cat: Catalogue) -> list[Photo]:
     deleted or edited since is refused in one line naming it, never re-embedded or trained
     on under a label that was given to other pixels.
     """
-    where = cat.folder / NPZ if cat.folder is not None else Path(NPZ)
     photos, problems = [], []
     digests: dict[str, str] = {}
-    for key, identity, name, path, box in zip(cat.keys, cat.identities, cat.names, cat.paths, cat.boxes):
-        photo = Photo(Path(path), identity, None if box[0] < 0 else tuple(int(v) for v in box), name,
-                      f"{where} ({name})")
+    for key, photo in zip(cat.keys, cat.photos()):
+        path = str(photo.path)
         if not photo.path.is_file():
             problems.append(f"{photo.origin}: {path} not found (moved or deleted since it was indexed)")
             continue

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..local import (ImageFeatures, LocalSettings, compute_local_features, crop_for_features, same_scene,
                      similarity_inliers, static_scene)
-from .inputs import Photo
+from .inputs import Photo, key_digest
 
 # The photos' local features: 512 px across the animal keeps rosettes several pixels wide on a
 # camera-trap crop; 500 keypoints per photo keeps the catalogue index small (a 1,000-photo
@@ -71,7 +71,7 @@ def photo_features(photos: Sequence[Photo], keys: Sequence[str], cache: str | Pa
     """
     return compute_local_features(list(keys), [p.path for p in photos], Path(cache) / FEATURE_DIR, settings,
                                   workers=workers, progress=progress, boxes=[p.box for p in photos],
-                                  digests=[k.split("-")[0] for k in keys]).features
+                                  digests=[key_digest(k) for k in keys]).features
 
 
 class CoatIndex:

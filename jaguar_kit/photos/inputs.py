@@ -328,6 +328,11 @@ def photo_key(photo: Photo, digest: str | None = None) -> str:
     return digest if photo.box is None else f"{digest}-{'-'.join(map(str, photo.box))}"
 
 
+def key_digest(key: str) -> str:
+    """The file digest a content key (:func:`photo_key`) starts with."""
+    return key.split("-", 1)[0]
+
+
 def prepare_one_photo(src: Path, box, dst: Path, alpha_mode: str, margin: float, size: int, where: str) -> None:
     """Decode one photo and store it prepared (:func:`~jaguar_kit.data.prepare.prepared_jpeg`), atomically."""
     atomic_write_bytes(dst, prepared_jpeg(*decode_image(src), alpha_mode, margin, size, where, box))
@@ -412,6 +417,7 @@ __all__ = [
     "is_kit_folder",
     "mark_kit_folder",
     "photo_key",
+    "key_digest",
     "prepare_photos",
     "read_photos",
     "thumbnail_bytes",
